@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import numbers
 from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple
 
@@ -134,8 +133,3 @@ def loss_value(loss: Any) -> float:
     if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
         return float(loss)
     raise TypeError(f"closure must return a scalar loss tensor; got {type(loss).__name__}")
-
-
-def is_finite(value: float) -> bool:
-    """Whether a loss can be compared and used (not NaN, not +-inf)."""
-    return math.isfinite(value)

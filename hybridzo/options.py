@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 import secrets
-from typing import Any, Dict, Iterable, List, Mapping
+from typing import Any, Iterable, Mapping
 
 __all__ = [
     "HYPERPARAMETERS",
@@ -133,21 +133,3 @@ def check_shared_zo_keys(
                     f"{index} uses {group[key]!r})"
                 )
         return
-
-
-def as_plain_betas(betas: Any) -> tuple:
-    """Betas as a tuple of floats (lists from JSON configs become tuples)."""
-    return tuple(float(b) for b in betas)
-
-
-def defaults_dict(**values: Any) -> Dict[str, Any]:
-    """The defaults mapping in the canonical key order, with the seed resolved."""
-    out: Dict[str, Any] = {key: values[key] for key in HYPERPARAMETERS}
-    if out["seed"] is None:
-        out["seed"] = fresh_seed()
-    return out
-
-
-def zo_group_indices(groups: List[Mapping[str, Any]]) -> List[int]:
-    """Indices of the groups in ZO mode."""
-    return [i for i, g in enumerate(groups) if g["mode"] == "zo"]

@@ -15,12 +15,12 @@ so FO groups match them numerically.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Mapping, MutableMapping, Tuple
+from typing import Any, Mapping, MutableMapping, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["sgd_", "adamw_", "RULES", "apply_rule", "keeps_state"]
+__all__ = ["sgd_", "adamw_", "apply_rule", "keeps_state"]
 
 
 def sgd_(
@@ -117,9 +117,6 @@ def adamw_(
     param.addcdiv_(exp_avg, denom, value=-step_size)
     if commit:
         state["step"] = step
-
-
-RULES: Dict[str, Callable[..., None]] = {"sgd": sgd_, "adamw": adamw_}
 
 
 def keeps_state(group: Mapping[str, Any]) -> bool:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .distributed import RankAgreement
 from .closure import CommonRandomNumbers, loss_value, observe_backward, skip_backward
 from .options import (
     COUNTER_KEYS,
@@ -159,6 +160,7 @@ class HybridZOOptimizer(Optimizer):
         validate_options(defaults, "defaults")
         self._closure = closure
         self._directions = DirectionGenerator()
+        self._ranks: Optional[RankAgreement] = None
         self.last_step_info: Dict[str, Any] = {}
         super().__init__(params, defaults)
 
@@ -167,6 +169,7 @@ class HybridZOOptimizer(Optimizer):
         # Not state: the closure belongs to the caller's model, the generators are a cache.
         self._closure = None
         self._directions = DirectionGenerator()
+        self._ranks = None
         self.last_step_info = {}
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
@@ -252,6 +255,11 @@ class HybridZOOptimizer(Optimizer):
         for i, group in zo_groups:
             check_shared_zo_keys(group, f"param group {i}", (g for _, g in zo_groups))
 
+        if self._ranks is None:
+            # Seeds drawn independently per rank (seed=None) must agree before the first step.
+            self._ranks = RankAgreement()
+            self._ranks.agree_on_seeds(self.param_groups)
+        self._ranks.scalars_reduced = 0
         settings = zo_groups[0][1] if zo_groups else None
         fo_params = [p for g in fo_groups for p in g["params"]]
         zo_tensors: List[_ZOTensor] = []
@@ -316,7 +324,8 @@ class HybridZOOptimizer(Optimizer):
             rng.finish()
 
         self._advance_counters(skipped=info["skipped"])
-        info.update(forwards=self._forwards, backwards=int(bool(fo_groups)), loss=loss_at_theta)
+        info.update(forwards=self._forwards, backwards=int(bool(fo_groups)), loss=loss_at_theta,
+                    scalars_reduced=self._ranks.scalars_reduced)
         self.last_step_info = info
         if loss is not None:
             return loss
@@ -348,7 +357,7 @@ class HybridZOOptimizer(Optimizer):
             for p in excluded:
                 p.requires_grad_(True)
         self._forwards += 1
-        value = loss_value(raw)
+        value = self._ranks.mean(loss_value(raw))  # type: ignore[union-attr]
         loss = raw.detach() if isinstance(raw, Tensor) else torch.tensor(value)
         if backward_calls.count == 0 and math.isfinite(value):
             if not (isinstance(raw, Tensor) and raw.requires_grad):
@@ -392,7 +401,7 @@ class HybridZOOptimizer(Optimizer):
             raw = closure()
         rng.after_call()
         self._forwards += 1
-        value = loss_value(raw)
+        value = self._ranks.mean(loss_value(raw))  # type: ignore[union-attr]
         if not math.isfinite(value):
             raise _NonFiniteLoss(value, phase)
         return value

@@ -268,7 +268,7 @@ class HybridZOOptimizer(Optimizer):
         stashed_grads: List[Tuple[Tensor, Optional[Tensor]]] = []
         info: Dict[str, Any] = {"chosen": None, "skipped": False}
         try:
-            # 1. FO pass: loss and FO gradients at theta.
+            # 1. FO pass: loss and FO gradients at theta; 2-4. ZO probes, candidates, commit.
             loss: Optional[Tensor] = None
             loss_at_theta: Optional[float] = None
             needs_loss = settings is not None and (
@@ -286,28 +286,9 @@ class HybridZOOptimizer(Optimizer):
                 for p in fo_params:
                     p.grad = None
                 zo_tensors = self._anchor_zo_tensors(zo_groups)
-
-                # 2. ZO probes: projected differences d[k][i].
-                differences, probe_mean = self._probe_differences(
+                loss_at_theta, info["chosen"] = self._zo_step(
                     closure, rng, zo_tensors, settings, loss_at_theta
                 )
-                if loss_at_theta is None:
-                    loss_at_theta = probe_mean
-
-                # 3. Candidates.
-                chosen: Optional[Tuple[int, int]] = (0, 1)
-                if settings["candidates"] > 1 or settings["conservative"]:
-                    chosen = self._select_candidate(
-                        closure, rng, zo_tensors, differences, settings, loss_at_theta
-                    )
-                    info["chosen"] = _describe(chosen)
-
-                # 4. Commit the chosen ZO move (or none), writing only its state.
-                if chosen is None:
-                    restore_([t.param for t in zo_tensors], [t.anchor for t in zo_tensors])
-                else:
-                    k, direction = chosen
-                    self._write_zo_move(zo_tensors, k, differences[k], direction, commit=True)
             self._restore_grads(stashed_grads)
             stashed_grads = []
             self._commit_first_order(fo_groups)
@@ -370,7 +351,40 @@ class HybridZOOptimizer(Optimizer):
                 raw.backward()
         return loss, value
 
-    # ----------------------------------------------------------- ZO probes
+    # ------------------------------------------------------------- ZO step
+
+    def _zo_step(
+        self,
+        closure: Closure,
+        rng: CommonRandomNumbers,
+        zo_tensors: List[_ZOTensor],
+        settings: Dict[str, Any],
+        loss_at_theta: Optional[float],
+    ) -> Tuple[float, Optional[str]]:
+        """Probe, select and commit the ZO move; returns the loss at theta and the choice."""
+        # 2. ZO probes: projected differences d[k][i].
+        differences, probe_mean = self._probe_differences(
+            closure, rng, zo_tensors, settings, loss_at_theta
+        )
+        if loss_at_theta is None:
+            loss_at_theta = probe_mean
+
+        # 3. Candidates.
+        chosen: Optional[Tuple[int, int]] = (0, 1)
+        description = None
+        if settings["candidates"] > 1 or settings["conservative"]:
+            chosen = self._select_candidate(
+                closure, rng, zo_tensors, differences, settings, loss_at_theta
+            )
+            description = _describe(chosen)
+
+        # 4. Commit the chosen ZO move (or none), writing only its state.
+        if chosen is None:
+            restore_([t.param for t in zo_tensors], [t.anchor for t in zo_tensors])
+        else:
+            k, direction = chosen
+            self._write_zo_move(zo_tensors, k, differences[k], direction, commit=True)
+        return loss_at_theta, description  # type: ignore[return-value]
 
     def _anchor_zo_tensors(self, zo_groups: List[Tuple[int, Dict[str, Any]]]) -> List[_ZOTensor]:
         params = [p for _, g in zo_groups for p in g["params"]]

@@ -244,7 +244,9 @@ class HybridZOOptimizer(Optimizer):
                 raise ValueError(
                     f"Invalid closure: None (param groups {[i for i, _ in zo_groups]} are ZO "
                     "groups, which need a closure that returns the loss; pass it to step() "
-                    "or to the constructor)"
+                    "or to the constructor. torch.amp.GradScaler.step(optimizer) calls step() "
+                    "without a closure and cannot drive ZO groups; use bf16 autocast, which "
+                    "needs no scaler)"
                 )
             self._commit_first_order(fo_groups)
             self._advance_counters(skipped=False)
@@ -331,6 +333,7 @@ class HybridZOOptimizer(Optimizer):
             p.requires_grad_(False)
         try:
             rng.before_call()
+            torch.clear_autocast_cache()  # see _probe_loss
             with torch.enable_grad(), observe_backward() as backward_calls:
                 raw = closure()
             rng.after_call()
@@ -411,6 +414,9 @@ class HybridZOOptimizer(Optimizer):
     def _probe_loss(self, closure: Closure, rng: CommonRandomNumbers, phase: str) -> float:
         """One forward-only closure call; backward inside it does nothing."""
         rng.before_call()
+        # Inside an autocast region around step(), autocast caches low-precision copies of the
+        # weights until the region exits; the weights changed in place, so drop the stale copies.
+        torch.clear_autocast_cache()
         with torch.no_grad(), skip_backward():
             raw = closure()
         rng.after_call()

@@ -129,3 +129,34 @@ def test_deepcopy_drops_the_constructor_closure():
     clone = copy.deepcopy(opt)
     with pytest.raises(ValueError, match="closure"):
         clone.step()
+
+
+def test_autocast_around_step_sees_fresh_weights():
+    """autocast caches low-precision weight copies until its region exits; probes must not see stale ones."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 1))
+    opt = HybridZOOptimizer(
+        [{"params": net[0].parameters(), "mode": "zo"}, {"params": net[2].parameters(), "mode": "fo"}], lr=1e-2, seed=0
+    )
+    x = torch.randn(64, 8)
+    y = x.sum(1, keepdim=True)
+    seen = []
+
+    def closure():
+        loss = nn.functional.mse_loss(net(x).float(), y)
+        seen.append(float(loss.detach()))
+        return loss
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = [float(opt.step(closure)) for _ in range(10)]
+    assert seen[1] != seen[2]  # the +eps and -eps probes saw different weights
+    assert losses[-1] < losses[0]
+
+
+def test_grad_scaler_gets_a_clear_error():
+    theta = nn.Parameter(torch.ones(3))
+    opt = HybridZOOptimizer([theta], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale((theta**2).sum()).backward()
+    with pytest.raises(ValueError, match="GradScaler"):
+        scaler.step(opt)

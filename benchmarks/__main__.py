@@ -1,0 +1,88 @@
+"""Regenerate every benchmark result: ``python -m benchmarks --preset cpu``.
+
+Presets:
+
+* ``cpu``: what ``benchmarks/results/`` holds, on a CPU machine: memory and speed on open_clip ViT-B-16
+  (random weights; batch 8 for memory, with a 2/4/16 batch sweep, batch 4 for speed), the exact-restore
+  memory table, and the accuracy sweep with the tiny CLIP (hours; resumable, see accuracy.py).
+* ``paper``: the same on a GPU at the papers' scale (ViT-B/16 with OpenAI weights for accuracy); reports
+  get a ``_paper`` suffix.
+* ``smoke``: seconds-long runs on a 4-block CLIP, to check that every script starts and writes its report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import _measure  # noqa: E402
+
+SCRIPTS = ("memory", "speed", "restore_memory", "accuracy")
+
+
+def script_arguments(preset: str, out_dir: Path, jobs: int = 1) -> Dict[str, List[str]]:
+    """Command-line arguments of each benchmark script under ``preset``, writing into ``out_dir``."""
+    suffix = "_paper" if preset == "paper" else ""
+    out = {name: ["--out", str(out_dir / f"{name}{suffix}.md")] for name in ("memory", "speed", "restore_memory")}
+    if preset == "smoke":
+        return {
+            "memory": ["--model", "micro", "--batch", "2", "--configs", "dual", "--state-model", "micro",
+                       *out["memory"]],
+            "speed": ["--model", "micro", "--batch", "2", "--repeats", "1",
+                      "--configs", "zo-central,zo-conservative,fo,mezo-ref,mezo-pkg", *out["speed"]],
+            "restore_memory": ["--width", "64", "--depth", "2", "--batch", "4", "--placements", "adapter",
+                               *out["restore_memory"]],
+            "accuracy": ["--smoke", "--runs-dir", str(out_dir / "runs"), "--out", str(out_dir / "accuracy_smoke.md")],
+        }
+    if preset == "cpu":
+        return {
+            "memory": ["--model", "ViT-B-16", "--batch", "8", "--sweep-batches", "2,4,16", *out["memory"]],
+            "speed": ["--model", "ViT-B-16", "--batch", "4", "--repeats", "5", *out["speed"]],
+            "restore_memory": out["restore_memory"],
+            "accuracy": ["--preset", "cpu", "--jobs", str(jobs), "--out", str(out_dir / "accuracy_cpu.md")],
+        }
+    if preset == "paper":
+        return {
+            "memory": ["--model", "ViT-B-16", "--device", "cuda", "--batch", "128", "--sweep-batches", "32,64",
+                       *out["memory"]],
+            "speed": ["--model", "ViT-B-16", "--device", "cuda", "--batch", "128", "--repeats", "10", *out["speed"]],
+            "restore_memory": out["restore_memory"],
+            "accuracy": ["--preset", "paper", "--jobs", str(jobs), "--out", str(out_dir / "accuracy_paper.md")],
+        }
+    raise ValueError(f"unknown preset {preset!r}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Run the selected benchmark scripts of a preset one after the other."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="cpu", choices=["cpu", "paper", "smoke"])
+    parser.add_argument("--only", type=_measure.split_list, default=list(SCRIPTS),
+                        help=f"comma-separated scripts to run: {', '.join(SCRIPTS)}")
+    parser.add_argument("--out-dir", type=Path, default=_measure.RESULTS_DIR)
+    parser.add_argument("--jobs", type=int, default=1, help="accuracy rows run in parallel")
+    parser.add_argument("--dry-run", action="store_true", help="print what would run")
+    args = parser.parse_args(argv)
+    unknown = set(args.only) - set(SCRIPTS)
+    if unknown:
+        parser.error(f"unknown scripts {sorted(unknown)}; choose from {', '.join(SCRIPTS)}")
+    arguments = script_arguments(args.preset, args.out_dir, args.jobs)
+    for name in (s for s in SCRIPTS if s in args.only):
+        print(f"== python benchmarks/{name}.py {shlex.join(arguments[name])}", flush=True)
+        if args.dry_run:
+            continue
+        module = importlib.import_module(f"benchmarks.{name}")
+        start = time.perf_counter()
+        module.main(arguments[name])
+        print(f"== {name} done in {(time.perf_counter() - start) / 60:.1f} min", flush=True)
+
+
+if __name__ == "__main__":
+    main()

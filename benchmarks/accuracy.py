@@ -1,0 +1,378 @@
+"""Last/Avg accuracy of the papers' rows, run with examples/clip_cl.py, next to the papers' numbers.
+
+Rows (CIFAR-100; the paper's numbers are its CIFAR Inc10 column, CLIP ViT-B/16):
+
+* Table 1: FO baseline and Dual / Vision / Language w/ ZO, with MoE adapters and with LoRA (dagger);
+* Table 2: each branch w/ ZO on Hop-odd, Hop-even, Prefix and Suffix layers (half the blocks: the
+  paper's "six" of 12);
+* Table 3: MoZO (coordinate sign, conservative, halved vision eps) on Dual w/ Hop-odd / Hop-even;
+* Table 4: each branch with ZO* (naive: no candidate check) and Sign (ZO* + element-wise sign), next
+  to the conservative ZO of Table 1 (the paper's default);
+* ZO-FC: ZO (q=4) on a rank-5 adapter in the first 5 vision blocks with an FO linear head, and the same
+  model all FO.
+
+ZO rows use the paper's default ZO, ZO-SGD-Cons, unless the row says otherwise. Every row is one run of
+``examples/clip_cl.py`` in its own process, writing ``results.json`` to ``<runs-dir>/<row>``; a row whose
+``results.json`` exists is not run again, so an interrupted sweep resumes where it stopped. The tables
+are built from whatever results exist (missing rows say so).
+
+    python benchmarks/accuracy.py --preset cpu [--rows table1,table4] [--only NAME,...] [--jobs 2]
+    python benchmarks/accuracy.py --preset paper          # ViT-B/16, OpenAI weights: for a GPU
+    python benchmarks/accuracy.py --smoke                 # one row with the examples' smoke preset
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import _measure  # noqa: E402
+
+CLIP_CL = _measure.REPO_ROOT / "examples" / "clip_cl.py"
+TINY_CHECKPOINT = _measure.REPO_ROOT / "examples" / "checkpoints" / "tiny_clip.pt"
+DEFAULT_DATA_ROOT = _measure.REPO_ROOT.parent / "shared" / "data"
+
+PRESET_DEPTH = {"smoke": 8, "cpu": 8, "paper": 12}
+"""Blocks per tower of each preset's model (tiny CLIP: 8; ViT-B/16: 12), for Prefix/Suffix = half."""
+
+BRANCHES = {"dual": "Dual", "vision": "Vision", "language": "Language"}
+LAYERS = {"hop-odd": "Hop-odd", "hop-even": "Hop-even", "prefix": "Prefix", "suffix": "Suffix"}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One run of ``clip_cl.py``.
+
+    Attributes:
+        name: Folder of the run and key in the tables.
+        label: What the row is, in the paper's words.
+        flags: ``clip_cl.py`` flags on top of ``--preset``; ``{half}`` is replaced by half the model's depth.
+        paper: The paper's (Last, Avg) on CIFAR-100 Inc10, if it reports the row.
+    """
+
+    name: str
+    label: str
+    flags: Tuple[str, ...]
+    paper: Optional[Tuple[float, float]] = None
+
+    def display(self, preset: str) -> str:
+        """``label`` with ``{half}`` filled in for ``preset``."""
+        return self.label.replace("{half}", str(PRESET_DEPTH[preset] // 2))
+
+    def arguments(self, preset: str) -> List[str]:
+        """``clip_cl.py`` arguments of this row under ``preset``."""
+        half = str(PRESET_DEPTH[preset] // 2)
+        return ["--preset", preset, *(flag.replace("{half}", half) for flag in self.flags)]
+
+
+def _rows() -> Dict[str, Row]:
+    rows: List[Row] = []
+    conservative = ("--conservative",)
+    table1 = {
+        # (adapter, branch): paper CIFAR Inc10 (Last, Avg), Table 1
+        ("moe", "none"): (77.52, 85.21), ("moe", "dual"): (67.64, 75.88),
+        ("moe", "vision"): (72.98, 82.08), ("moe", "language"): (76.74, 85.03),
+        ("lora", "none"): (79.66, 86.34), ("lora", "dual"): (69.70, 76.82),
+        ("lora", "vision"): (73.73, 82.25), ("lora", "language"): (79.63, 87.01),
+    }
+    for (adapter, branch), paper in table1.items():
+        dagger = "\u2020" if adapter == "lora" else ""
+        if branch == "none":
+            rows.append(Row(f"{adapter}-fo", f"Baseline{dagger} (FO)", ("--adapter", adapter, "--zo-branch", "none"),
+                            paper))
+        else:
+            rows.append(Row(f"{adapter}-{branch}", f"{BRANCHES[branch]} w/ ZO{dagger}",
+                            ("--adapter", adapter, "--zo-branch", branch, *conservative), paper))
+    table2 = {
+        "dual": [(79.22, 86.98), (79.12, 86.81), (76.53, 84.77), (78.03, 86.63)],
+        "vision": [(79.39, 86.96), (78.95, 86.74), (76.72, 84.85), (79.23, 87.03)],
+        "language": [(79.28, 87.05), (78.73, 86.27), (79.07, 86.83), (78.82, 86.71)],
+    }
+    layer_flags = {"hop-odd": "hop-odd", "hop-even": "hop-even", "prefix": "prefix:{half}", "suffix": "suffix:{half}"}
+    for branch, papers in table2.items():
+        for (key, layers), paper in zip(layer_flags.items(), papers):
+            shown = LAYERS[key] + (" ({half})" if key in ("prefix", "suffix") else "")
+            rows.append(Row(f"moe-{branch}-{key}", f"{BRANCHES[branch]} w/ {shown}",
+                            ("--adapter", "moe", "--zo-branch", branch, "--zo-layers", layers, *conservative), paper))
+    for layers, paper in (("hop-odd", (79.36, 87.02)), ("hop-even", (79.87, 87.25))):
+        rows.append(Row(f"mozo-dual-{layers}", f"MoZO, Dual w/ {LAYERS[layers]}",
+                        ("--adapter", "moe", "--zo-branch", "dual", "--zo-layers", layers, "--mozo"), paper))
+    table4 = {"dual": ((66.67, 75.08), (66.68, 77.20)), "vision": ((72.32, 81.64), (73.34, 83.47)),
+              "language": ((76.19, 84.58), (78.52, 85.91))}
+    for branch, (naive, sign) in table4.items():
+        base = ("--adapter", "moe", "--zo-branch", branch, "--no-conservative")
+        rows.append(Row(f"zostar-{branch}", f"{BRANCHES[branch]} w/ ZO, ZO*", base, naive))
+        rows.append(Row(f"sign-{branch}", f"{BRANCHES[branch]} w/ ZO, Sign", (*base, "--sign", "coordinate"), sign))
+    zofc = ("--adapter", "parallel", "--classifier", "linear", "--queries", "4")
+    rows.append(Row("zofc", "ZO-FC: ZO adapter (q=4), FO linear head", (*zofc, "--zo-branch", "vision")))
+    rows.append(Row("zofc-fo", "ZO-FC model, all FO", (*zofc, "--zo-branch", "none")))
+    return {row.name: row for row in rows}
+
+
+ROWS = _rows()
+
+
+@dataclass(frozen=True)
+class Table:
+    """A paper table: its rows, the row every Δ is taken against, and a caption."""
+
+    key: str
+    title: str
+    rows: Tuple[str, ...]
+    baseline: str
+    caption: str
+
+
+TABLES: Dict[str, Table] = {
+    "table1": Table("table1", "Table 1: ZO per branch (MoE adapters; LoRA marked \u2020)",
+                    ("moe-fo", "moe-dual", "moe-vision", "moe-language",
+                     "lora-fo", "lora-dual", "lora-vision", "lora-language"), "moe-fo",
+                    "ZO rows use ZO-SGD-Cons; \u0394 is against the FO baseline of the same adapter."),
+    "table2": Table("table2", "Table 2: ZO per layer",
+                    tuple(n for b in BRANCHES for n in (f"moe-{b}", *(f"moe-{b}-{k}" for k in LAYERS))), "moe-fo",
+                    "Prefix/Suffix cover half the blocks of each tower (six of 12 on ViT-B/16, four of 8 on the "
+                    "tiny CLIP). \u0394 is against the FO baseline."),
+    "table3": Table("table3", "Table 3: MoZO", ("moe-dual-hop-odd", "mozo-dual-hop-odd", "moe-dual-hop-even",
+                                      "mozo-dual-hop-even"), "moe-fo",
+                    "MoZO = element-wise sign of the ZO estimate + conservative selection + vision eps halved. "
+                    "\u0394 is against the FO baseline."),
+    "table4": Table("table4", "Table 4: ZO strategies",
+                    tuple(n for b in BRANCHES for n in (f"zostar-{b}", f"sign-{b}", f"moe-{b}")), "moe-fo",
+                    "ZO* = ZO-SGD (no candidate check), Sign = ZO* with element-wise sign, and the conservative "
+                    "ZO of Table 1 (paper: Table 1's numbers). \u0394 is against the FO baseline."),
+    "zofc": Table("zofc", "ZO-FC", ("zofc-fo", "zofc"), "zofc-fo",
+                  "Parallel rank-5 adapter in the first 5 vision blocks and a linear head growing per task; the "
+                  "ZO-FC summary gives no CIFAR Inc10 numbers for this protocol."),
+}
+
+
+# --------------------------------------------------------------------------------------------------- runs
+
+
+def run_row(row: Row, preset: str, runs_dir: Path, data_root: Path, extra: Sequence[str],
+            threads: Optional[int]) -> Tuple[str, str]:
+    """Run one row unless its ``results.json`` exists; returns (row name, status)."""
+    out = runs_dir / row.name
+    if (out / "results.json").is_file():
+        return row.name, "kept (results.json exists)"
+    out.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, str(CLIP_CL), *row.arguments(preset), "--data-root", str(data_root),
+               "--out", str(out), "--no-progress", *extra]
+    if threads is not None:
+        command += ["--threads", str(threads)]
+    start = time.perf_counter()
+    with open(out / "log.txt", "w") as log:
+        log.write(shlex.join(command) + "\n")
+        log.flush()
+        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=_measure.REPO_ROOT)
+    minutes = (time.perf_counter() - start) / 60
+    if done.returncode != 0:
+        return row.name, f"FAILED ({done.returncode}) after {minutes:.1f} min, see {out / 'log.txt'}"
+    return row.name, f"ran in {minutes:.1f} min"
+
+
+def load_results(runs_dir: Path) -> Dict[str, Dict[str, Any]]:
+    """``results.json`` of every row that has one."""
+    results = {}
+    for name in ROWS:
+        path = runs_dir / name / "results.json"
+        if path.is_file():
+            results[name] = json.loads(path.read_text())
+    return results
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+
+def _cell(value: Optional[float], signed: bool = False) -> str:
+    if value is None:
+        return ""
+    return f"{value:+.2f}" if signed else f"{value:.2f}"
+
+
+def table_markdown(table: Table, results: Dict[str, Dict[str, Any]], preset: str) -> str:
+    """Our Last/Avg (and Δ against the table's baseline) next to the paper's, one line per row."""
+    baseline = results.get(table.baseline)
+    lines = []
+    for name in table.rows:
+        row = ROWS[name]
+        label = row.display(preset)
+        paper_last, paper_avg = row.paper if row.paper else (None, None)
+        paper_baseline = ROWS[table.baseline].paper
+        if name.startswith("lora") and table.baseline == "moe-fo":
+            paper_baseline = ROWS["lora-fo"].paper
+        paper_delta = paper_last - paper_baseline[0] if row.paper and paper_baseline else None
+        r = results.get(name)
+        if r is None:
+            lines.append([label, "not run", "", "", "", _cell(paper_last), _cell(paper_avg),
+                          _cell(paper_delta, True), "", "", ""])
+            continue
+        own_baseline = results.get("lora-fo") if name.startswith("lora") and table.baseline == "moe-fo" else baseline
+        delta = r["last"] - own_baseline["last"] if own_baseline else None
+        steps = max(r["steps"], 1)
+        lines.append([label, _cell(r["last"]), _cell(r["avg"]), _cell(delta, True), _cell(r["forgetting"]),
+                      _cell(paper_last), _cell(paper_avg), _cell(paper_delta, True),
+                      f"{r['forward_passes'] / steps:.1f} / {r['backward_passes'] / steps:.1f}",
+                      f"{r['train_time_s'] / 60:.1f}", f"{r['peak_memory_mib']:.0f}"])
+    headers = ["row", "Last", "Avg", "\u0394 Last", "forgetting", "paper Last", "paper Avg", "paper \u0394 Last",
+               "fwd / bwd per step", "train (min)", "peak mem (MiB)"]
+    return _measure.markdown_table(headers, lines)
+
+
+def plot_table(table: Table, results: Dict[str, Dict[str, Any]], path: Path, preset: str) -> Optional[Path]:
+    """Accuracy on all seen classes after each task, one line per row of the table that has results."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    present = [name for name in table.rows if name in results]
+    if not present:
+        return None
+    figure = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot(1, 1, 1)
+    for name in present:
+        seen = results[name]["seen_acc"]
+        style = "--" if name == table.baseline else "-"
+        axes.plot(range(1, len(seen) + 1), seen, style, marker="o", markersize=3,
+                  label=ROWS[name].display(preset))
+    axes.set_xlabel("task")
+    axes.set_ylabel("accuracy on all seen classes (%)")
+    axes.set_title(f"{table.title} ({preset} preset)", fontsize=9)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def write_report(results: Dict[str, Dict[str, Any]], tables: Sequence[Table], args: argparse.Namespace,
+                 info: Dict[str, Any], statuses: Dict[str, str], argv: Optional[Sequence[str]]) -> str:
+    """Markdown with one table (and plot) per selected paper table."""
+    any_result = next(iter(results.values()), None)
+    setting = ""
+    if any_result is not None:
+        config = any_result["config"]
+        setting = (f"- Setting (from the runs): `{config.get('model')}` on {config.get('dataset')}, "
+                   f"{len(any_result['tasks'])} tasks x {config.get('classes_per_task')} classes from class position "
+                   f"{config.get('first_class')}, {config.get('epochs')} epoch(s) per task, batch "
+                   f"{config.get('batch_size')}, FO lr {config.get('lr')} ({config.get('fo_rule')}), ZO lr "
+                   f"{config.get('zo_lr') or config.get('lr')} ({config.get('zo_rule')}), eps "
+                   f"{config.get('eps_language')}, seed {config.get('seed')}. Full configs in each row's "
+                   "results.json.")
+    lines = [
+        f"# Continual-learning accuracy, `{args.preset}` preset",
+        "",
+        _measure.environment_markdown(info, _measure.command_line("benchmarks/accuracy.py", argv),
+                                      _measure.load_average()),
+        f"- Runs: `{args.runs_dir}` (one `examples/clip_cl.py` run per row; the command is in each row's log.txt).",
+    ]
+    if setting:
+        lines.append(setting)
+    lines += [
+        "- Last = accuracy on all classes after the last task, Avg = mean over tasks of the accuracy on all "
+        "classes seen so far (MoE-Adapters4CL), forgetting = mean drop of each old task from its best; "
+        "\u0394 Last = Last minus the table's FO baseline (ours against ours, paper against paper). The paper's "
+        "numbers are CIFAR-100 Inc10 with CLIP ViT-B/16 (OpenAI weights); compare the \u0394 columns, not the "
+        "absolute accuracies, when the model differs.",
+    ]
+    if statuses:
+        lines += ["", "Rows this invocation touched: " + "; ".join(f"`{k}` {v}" for k, v in statuses.items()) + "."]
+    for table in tables:
+        plot = plot_table(table, results, args.out.parent / f"{args.out.stem}_{table.key}.png", args.preset)
+        lines += ["", f"## {table.title}", "", table.caption, "", table_markdown(table, results, args.preset)]
+        if plot is not None:
+            lines += ["", f"![{table.title}]({plot.name})"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Any]]:
+    """Run the selected rows (skipping finished ones) and write the tables, plots and a JSON summary."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="cpu", choices=sorted(PRESET_DEPTH),
+                        help="examples/clip_cl.py preset: cpu (tiny CLIP, 2 CPU cores), paper (ViT-B/16, a GPU), "
+                             "smoke (seconds)")
+    parser.add_argument("--smoke", action="store_true", help="shorthand for --preset smoke --only moe-language")
+    parser.add_argument("--rows", type=_measure.split_list, default=list(TABLES),
+                        help=f"comma-separated tables to run and report: {', '.join(TABLES)}")
+    parser.add_argument("--only", type=_measure.split_list, default=None,
+                        help="comma-separated row names to run (default: every row of --rows)")
+    parser.add_argument("--jobs", type=int, default=1, help="rows run in parallel")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per run (default: 1 when --jobs > 1, else torch's choice)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--clip-args", default="", help="extra flags for every clip_cl.py run, e.g. "
+                                                        "'--max-steps-per-task 10'")
+    parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
+    parser.add_argument("--runs-dir", type=Path, default=None,
+                        help="where the runs go (default: runs/benchmarks/accuracy-<preset>)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="markdown report (default: benchmarks/results/accuracy_<preset>.md)")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--list", action="store_true", help="list the rows and exit")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.preset, args.only = "smoke", ["moe-language"]
+    if args.list:
+        for row in ROWS.values():
+            print(f"{row.name:>22}  {row.display(args.preset):<40} {' '.join(row.arguments(args.preset))}")
+        return {}
+    unknown = (set(args.rows) - TABLES.keys()) | (set(args.only or ()) - ROWS.keys())
+    if unknown:
+        parser.error(f"unknown tables or rows: {sorted(unknown)} (see --list)")
+    args.runs_dir = args.runs_dir or _measure.REPO_ROOT / "runs" / "benchmarks" / f"accuracy-{args.preset}"
+    args.out = args.out or _measure.RESULTS_DIR / f"accuracy_{args.preset}.md"
+    tables = [key for key in TABLES if key in args.rows]
+    selected = args.only or list(dict.fromkeys(name for key in tables for name in TABLES[key].rows))
+    threads = args.threads if args.threads is not None else (1 if args.jobs > 1 else None)
+    extra = ["--seed", str(args.seed), *shlex.split(args.clip_args)]
+
+    if args.dry_run:
+        for name in selected:
+            print(shlex.join([sys.executable, str(CLIP_CL), *ROWS[name].arguments(args.preset),
+                              "--out", str(args.runs_dir / name), *extra]))
+        return {}
+    if args.preset in ("cpu", "smoke") and not TINY_CHECKPOINT.is_file():
+        raise SystemExit(f"{TINY_CHECKPOINT} is missing; create it with `python examples/tiny_clip.py pretrain`")
+    if not (args.data_root / "cifar-100-python").is_dir():
+        raise SystemExit(f"CIFAR-100 not found under {args.data_root} (expected cifar-100-python/)")
+
+    info = _measure.environment()
+    statuses: Dict[str, str] = {}
+    with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
+        for name, status in pool.map(lambda n: run_row(ROWS[n], args.preset, args.runs_dir, args.data_root,
+                                                       extra, threads), selected):
+            statuses[name] = status
+            print(f"{name}: {status}", flush=True)
+    results = load_results(args.runs_dir)
+    sections = [TABLES[key] for key in tables]
+    if args.smoke:
+        sections = [Table("runs", "Smoke run", tuple(selected), "moe-fo",
+                          "The examples' smoke preset: a few steps on 2 tasks of 5 classes; checks the pipeline "
+                          "only.")]
+    report = write_report(results, sections, args, info, statuses, argv)
+    _measure.write_text(args.out, report)
+    summary = {name: {key: r[key] for key in ("last", "avg", "forgetting", "seen_acc", "acc_matrix", "steps",
+                                              "forward_passes", "backward_passes", "train_time_s", "wall_time_s",
+                                              "peak_memory_mib", "peak_memory_kind", "command")}
+               for name, r in results.items()}
+    _measure.write_text(args.out.with_suffix(".json"),
+                        json.dumps({"environment": info, "rows": summary}, indent=1) + "\n")
+    print(report)
+    return results
+
+
+if __name__ == "__main__":
+    main()

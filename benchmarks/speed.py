@@ -1,0 +1,368 @@
+"""Time per training step in forward-equivalents, against the theoretical count and MeZO-style code.
+
+Every configuration's step time is divided by the time of one ``torch.no_grad()`` forward of the same
+loss on the same model and batch, timed right before it in the same process. Configurations are
+interleaved (the order rotates every repeat) and the median of the repeats is reported, so a machine
+that is shared with other jobs slows numerator and denominator alike.
+
+Configurations (CLIP with MoE adapters, see ``_workload.py``):
+
+* hybridzo pure ZO on the adapters of both towers: central q=1 (ZO* / ZO-SGD, theory 2 forwards), forward
+  estimator (1 + 1), conservative (ZO-SGD-Cons, 5);
+* hybridzo hybrids: ZO on one branch, FO (AdamW) on the other (one forward with autograd + backward,
+  then 4 no-grad forwards);
+* FO baselines: hybridzo with every group FO, and a plain ``torch.optim.AdamW`` loop;
+* MeZO-style reference loop (``torch.manual_seed``, ``torch.normal`` per parameter, +eps / -2eps / +eps
+  in place, then a separate update sweep regenerating z; Malladi et al.'s ``zo_step`` / ``zo_update``)
+  and the PyPI package ``mezo`` (``mezo.update``), on the adapters and on the full model;
+* hybridzo central q=1 on the full model (every weight ZO).
+
+For each configuration the step time is split into the closure calls (the forwards), the drawing of
+perturbation directions (``DirectionGenerator.sample``, hybridzo only) and the rest (backward for FO
+groups; writing perturbations, restores and updates for ZO groups).
+
+    python benchmarks/speed.py [--model ViT-B-16] [--batch 4] [--repeats 5] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks import _measure  # noqa: E402
+from benchmarks._workload import (  # noqa: E402
+    CONSERVATIVE,
+    FORWARD_ESTIMATOR,
+    MODEL_CHOICES_HELP,
+    NAIVE,
+    Placement,
+    Workload,
+    build_workload,
+    full_model_zo_optimizer,
+    make_optimizer,
+    torch_step,
+)
+from hybridzo.perturbation import DirectionGenerator  # noqa: E402
+
+ZEROFLOW_EPOCH_S = {"zo-sgd": 32.4, "zo-sgd-cons": 70.1, "fo-sgd": 59.3}
+"""ZeroFlow's CIFAR-100 epoch times (s): the published ratios the speed table is set against."""
+
+
+@dataclass
+class Timers:
+    """Seconds spent in closure calls and in drawing directions during the step being timed."""
+
+    closure_s: float = 0.0
+    sampling_s: float = 0.0
+    closure_calls: int = 0
+
+
+@dataclass
+class SpeedConfig:
+    """A timed configuration.
+
+    Attributes:
+        label: Row label.
+        theory: Theoretical cost in words, e.g. ``"2"`` or ``"1 + bwd + 4"``.
+        theory_forwards: Theoretical forward-equivalents when every pass is a no-grad forward, else None.
+        zo_scope: ``"adapters"``, ``"full model"`` or ``""`` (no ZO).
+        step: Runs one training step, calling the closure it is given.
+        samples_directions: Whether the step draws hybridzo directions (for the sampling share).
+        step_times: Measured step seconds per repeat.
+        forward_times: Paired no-grad forward seconds per repeat.
+        timers: Split of each repeat's step time.
+    """
+
+    label: str
+    theory: str
+    theory_forwards: Optional[float]
+    zo_scope: str
+    step: Callable[[Callable[[], torch.Tensor]], Any]
+    samples_directions: bool = False
+    step_times: List[float] = field(default_factory=list)
+    forward_times: List[float] = field(default_factory=list)
+    timers: List[Timers] = field(default_factory=list)
+
+    def forward_equivalents(self) -> float:
+        """Median over repeats of step time / paired forward time."""
+        return _measure.median([s / f for s, f in zip(self.step_times, self.forward_times)])
+
+    def share(self, attribute: str) -> float:
+        """Median over repeats of a timer's share of the step."""
+        return _measure.median([getattr(t, attribute) / s for t, s in zip(self.timers, self.step_times)])
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def timing_direction_sampling(timers: Timers) -> Iterator[None]:
+    """Add the time of every ``DirectionGenerator.sample`` call to ``timers.sampling_s``."""
+    original = DirectionGenerator.sample
+
+    def timed(self: DirectionGenerator, like: torch.Tensor, seed: int) -> torch.Tensor:
+        _synchronize(like.device)  # on CUDA, time the kernel rather than its launch
+        start = time.perf_counter()
+        z = original(self, like, seed)
+        _synchronize(like.device)
+        timers.sampling_s += time.perf_counter() - start
+        return z
+
+    DirectionGenerator.sample = timed  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        DirectionGenerator.sample = original  # type: ignore[method-assign]
+
+
+# ----------------------------------------------------------------------------------- MeZO-style steps
+
+
+class MeZOReference:
+    """MeZO's ``zo_step`` + ``zo_update`` (Malladi et al., 2023, ``large_models/trainer.py``), as published.
+
+    The global RNG is seeded before every sweep and each parameter's z is drawn with ``torch.normal``;
+    parameters are replaced out of place (``param.data = param.data + ...``) as in the original.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], lr: float, eps: float) -> None:
+        self.params = list(params)
+        self.lr = lr
+        self.eps = eps
+        self.seed = 0
+
+    def _perturb(self, scaling_factor: float) -> None:
+        torch.manual_seed(self.seed)
+        for param in self.params:
+            z = torch.normal(mean=0, std=1, size=param.data.size(), device=param.data.device, dtype=param.data.dtype)
+            param.data = param.data + scaling_factor * z * self.eps
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor]) -> float:
+        """+eps, loss, -2eps, loss, +eps, then the update sweep."""
+        self.seed += 1
+        self._perturb(1)
+        loss_plus = closure()
+        self._perturb(-2)
+        loss_minus = closure()
+        projected_grad = ((loss_plus - loss_minus) / (2 * self.eps)).item()
+        self._perturb(1)
+        torch.manual_seed(self.seed)
+        for param in self.params:
+            z = torch.normal(mean=0, std=1, size=param.data.size(), device=param.data.device, dtype=param.data.dtype)
+            param.data = param.data - self.lr * projected_grad * z
+        return float(loss_plus)
+
+
+def mezo_package_step(model: torch.nn.Module, params: Sequence[torch.Tensor], lr: float,
+                      eps: float) -> Callable[[Callable[[], torch.Tensor]], Any]:
+    """One ``mezo.update`` (PyPI ``mezo``) per call, on ``params``, with a fresh seed each time."""
+    import mezo
+
+    seeds = iter(range(1, 1 << 30))
+    selected = list(params)
+    return lambda closure: mezo.update(model, None, lambda _model, _inputs: closure(), epsilon=eps,
+                                       learning_rate=lr, random_seed=next(seeds),
+                                       learnable_parameters=lambda _model: iter(selected))
+
+
+# --------------------------------------------------------------------------------------------- configs
+
+
+def build_configs(workload: Workload, names: Sequence[str]) -> Dict[str, SpeedConfig]:
+    """The selected configurations, each with its own optimizer on the shared model."""
+    adapters = workload.adapter_parameters()
+    everything = list(workload.model.parameters())
+    zo_lr, eps = 1e-9, 1e-3  # tiny steps: the weights barely move while being timed
+
+    def hybrid(placement: Placement) -> Callable:
+        return make_optimizer(workload, placement).step
+
+    factories: Dict[str, Callable[[], SpeedConfig]] = {
+        "zo-central": lambda: SpeedConfig("hybridzo ZO*/ZO-SGD, central q=1", "2", 2, "adapters",
+                                          hybrid(Placement("dual", settings=NAIVE)), True),
+        "zo-forward": lambda: SpeedConfig("hybridzo ZO, forward estimator q=1", "1 + 1", 2, "adapters",
+                                          hybrid(Placement("dual", settings=FORWARD_ESTIMATOR)), True),
+        "zo-conservative": lambda: SpeedConfig("hybridzo ZO-SGD-Cons", "5", 5, "adapters",
+                                               hybrid(Placement("dual", settings=CONSERVATIVE)), True),
+        "vision-zo": lambda: SpeedConfig("hybridzo Vision w/ ZO (Cons), language FO", "1 + bwd(lang) + 4", None,
+                                         "vision adapters", hybrid(Placement("vision")), True),
+        "language-zo": lambda: SpeedConfig("hybridzo Language w/ ZO (Cons), vision FO", "1 + bwd(vis) + 4", None,
+                                           "language adapters", hybrid(Placement("language")), True),
+        "fo": lambda: SpeedConfig("hybridzo FO baseline (AdamW)", "1 + bwd", None, "",
+                                  hybrid(Placement("none"))),
+        "fo-torch": lambda: SpeedConfig("torch.optim.AdamW loop", "1 + bwd", None, "",
+                                        _torch_step(workload)),
+        "mezo-ref": lambda: SpeedConfig("MeZO reference loop", "2", 2, "adapters",
+                                        MeZOReference(adapters, zo_lr, eps).step),
+        "mezo-pkg": lambda: SpeedConfig("PyPI mezo.update", "2", 2, "adapters",
+                                        mezo_package_step(workload.model, adapters, zo_lr, eps)),
+        "full-zo-central": lambda: SpeedConfig("hybridzo ZO-SGD, central q=1", "2", 2, "full model",
+                                               full_model_zo_optimizer(workload).step, True),
+        "full-mezo-ref": lambda: SpeedConfig("MeZO reference loop", "2", 2, "full model",
+                                             MeZOReference(everything, zo_lr, eps).step),
+        "full-mezo-pkg": lambda: SpeedConfig("PyPI mezo.update", "2", 2, "full model",
+                                             mezo_package_step(workload.model, everything, zo_lr, eps)),
+    }
+    unknown = set(names) - factories.keys()
+    if unknown:
+        raise ValueError(f"unknown configurations {sorted(unknown)}; choose from {', '.join(factories)}")
+    return {name: factories[name]() for name in names}
+
+
+def _torch_step(workload: Workload) -> Callable[[Callable[[], torch.Tensor]], Any]:
+    optimizer = torch.optim.AdamW(workload.adapter_parameters(), lr=1e-9)
+    return lambda closure: torch_step(optimizer, closure)
+
+
+ALL_CONFIGS = ["zo-central", "zo-forward", "zo-conservative", "vision-zo", "language-zo", "fo", "fo-torch",
+               "mezo-ref", "mezo-pkg", "full-zo-central", "full-mezo-ref", "full-mezo-pkg"]
+
+
+# ------------------------------------------------------------------------------------------------- run
+
+
+def run(workload: Workload, configs: Dict[str, SpeedConfig], repeats: int, log: Callable[[str], None]) -> None:
+    """Warm every configuration up once, then time ``repeats`` interleaved rounds (order rotating)."""
+    def forward() -> None:
+        with torch.no_grad():
+            workload.loss()
+
+    device = workload.images.device
+    names = list(configs)
+    for name in names:
+        configs[name].step(workload.loss)
+    forward()
+    for r in range(repeats):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            config = configs[name]
+            timers = Timers()
+
+            def closure() -> torch.Tensor:
+                _synchronize(device)
+                start = time.perf_counter()
+                loss = workload.loss()
+                _synchronize(device)
+                timers.closure_s += time.perf_counter() - start
+                timers.closure_calls += 1
+                return loss
+
+            forward_s = _measure.time_call(forward, device)
+            with timing_direction_sampling(timers):
+                step_s = _measure.time_call(lambda: config.step(closure), device)
+            config.forward_times.append(forward_s)
+            config.step_times.append(step_s)
+            config.timers.append(timers)
+            log(f"repeat {r + 1}/{repeats} {name:>16}: step {step_s:6.2f} s, forward {forward_s:5.2f} s, "
+                f"{step_s / forward_s:5.2f} fwd-eq, {timers.closure_calls} closure calls")
+
+
+def _ratio(configs: Dict[str, SpeedConfig], numerator: str, denominator: str) -> str:
+    if numerator in configs and denominator in configs:
+        return f"{configs[numerator].forward_equivalents() / configs[denominator].forward_equivalents():.2f}"
+    return "not measured"
+
+
+def write_report(configs: Dict[str, SpeedConfig], args: argparse.Namespace, workload: Workload,
+                 info: Dict[str, Any], load_after: str, argv: Optional[Sequence[str]]) -> str:
+    """The markdown of ``speed.md``."""
+    rows = []
+    for name, c in configs.items():
+        measured = c.forward_equivalents()
+        against = f"{measured / c.theory_forwards:.2f}" if c.theory_forwards else ""
+        sampling = f"{100 * c.share('sampling_s'):.1f}%" if c.samples_directions else "n/a"
+        other = 1 - c.share("closure_s") - (c.share("sampling_s") if c.samples_directions else 0.0)
+        rows.append([f"`{name}`", c.label, c.zo_scope or "none", c.theory, f"{measured:.2f}", against,
+                     f"{_measure.median(c.step_times):.2f}", f"{100 * c.share('closure_s'):.1f}%", sampling,
+                     f"{100 * other:.1f}%"])
+    adapters = workload.trainable_count()
+    total = sum(p.numel() for p in workload.model.parameters())
+    forward_s = _measure.median([t for c in configs.values() for t in c.forward_times])
+    zeroflow = ZEROFLOW_EPOCH_S
+    comparisons = [
+        ["hybridzo / MeZO reference loop, adapters", _ratio(configs, "zo-central", "mezo-ref"), ""],
+        ["hybridzo / PyPI mezo, adapters", _ratio(configs, "zo-central", "mezo-pkg"), ""],
+        ["hybridzo / MeZO reference loop, full model", _ratio(configs, "full-zo-central", "full-mezo-ref"), ""],
+        ["hybridzo / PyPI mezo, full model", _ratio(configs, "full-zo-central", "full-mezo-pkg"), ""],
+        ["ZO-SGD-Cons / ZO-SGD", _ratio(configs, "zo-conservative", "zo-central"),
+         f"{zeroflow['zo-sgd-cons'] / zeroflow['zo-sgd']:.2f}"],
+        ["FO (AdamW here, SGD in ZeroFlow) / ZO-SGD", _ratio(configs, "fo", "zo-central"),
+         f"{zeroflow['fo-sgd'] / zeroflow['zo-sgd']:.2f}"],
+        ["hybridzo FO / torch.optim.AdamW loop", _ratio(configs, "fo", "fo-torch"), ""],
+    ]
+    lines = [
+        "# Time per step in forward-equivalents",
+        "",
+        _measure.environment_markdown(info, _measure.command_line("benchmarks/speed.py", argv), load_after),
+        f"- Workload: open_clip `{args.model}`, random weights ({total:,} parameters), MoE adapters in every block "
+        f"of both towers ({adapters:,} trainable), backbone frozen; batch {args.batch} images, {args.prompts} "
+        f"text prompts per step; training mode; {args.threads} torch thread(s). One no-grad forward: median "
+        f"{forward_s:.2f} s.",
+        f"- Method: {args.repeats} interleaved repeats after one warm-up step each; every step is timed right "
+        "after a no-grad forward on the same batch, and *measured* is the median of step / forward. *vs theory* "
+        "divides by the theoretical forward count where every pass is a no-grad forward. Shares are medians of "
+        "the time inside closure calls (the forwards), inside `DirectionGenerator.sample` (regenerating z), and "
+        "the rest (backward for FO groups; writing perturbations, restores and updates for ZO groups). "
+        "FO rows have no forward-only theory: one forward with autograd plus a backward that, through a frozen "
+        "backbone, forms activation gradients only.",
+        "",
+        _measure.markdown_table(["config", "what", "ZO groups", "theory (fwd)", "measured (fwd-eq)", "vs theory",
+                                 "median step (s)", "in closures", "regenerating z", "other"],
+                                rows, "lllrrrrrrr"),
+        "",
+        "## Ratios",
+        "",
+        "Ratios of measured forward-equivalents; ZeroFlow's are its CIFAR-100 epoch times "
+        f"(ZO-SGD {zeroflow['zo-sgd']} s, ZO-SGD-Cons {zeroflow['zo-sgd-cons']} s, FO-SGD {zeroflow['fo-sgd']} s; "
+        "different model and hardware).",
+        "",
+        _measure.markdown_table(["ratio", "here", "ZeroFlow"], comparisons),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Time the selected configurations and write the markdown report (and a JSON of the raw times)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="ViT-B-16", help=MODEL_CHOICES_HELP)
+    parser.add_argument("--batch", type=int, default=4, help="images per step")
+    parser.add_argument("--prompts", type=int, default=10, help="text prompts encoded per step (classes per task)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1: on a shared machine more threads make timings erratic)")
+    parser.add_argument("--configs", type=_measure.split_list, default=ALL_CONFIGS,
+                        help=f"comma-separated subset of: {', '.join(ALL_CONFIGS)}")
+    parser.add_argument("--out", type=Path, default=_measure.RESULTS_DIR / "speed.md")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    info = _measure.environment(args.device)
+    workload = build_workload(args.model, "moe", args.batch, args.prompts, args.device)
+    configs = build_configs(workload, args.configs)
+    run(workload, configs, args.repeats, lambda line: print(line, flush=True))
+    report = write_report(configs, args, workload, info, _measure.load_average(), argv)
+    _measure.write_text(args.out, report)
+    raw = {name: {"step_s": c.step_times, "forward_s": c.forward_times,
+                  "closure_s": [t.closure_s for t in c.timers], "sampling_s": [t.sampling_s for t in c.timers],
+                  "closure_calls": [t.closure_calls for t in c.timers]} for name, c in configs.items()}
+    _measure.write_text(args.out.with_suffix(".json"), json.dumps({"environment": info, "raw": raw}, indent=1) + "\n")
+    print(report)
+    return raw
+
+
+if __name__ == "__main__":
+    main()

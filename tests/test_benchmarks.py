@@ -1,0 +1,71 @@
+"""Smoke test of the benchmark scripts: each starts, runs at toy sizes and writes its report.
+
+The benchmarks themselves are not tests (they take minutes to hours); this runs each script once with
+``python -m benchmarks --preset smoke``'s arguments (a 4-block CLIP, one repeat, one accuracy row with the
+examples' smoke preset). The scripts run in parallel subprocesses to keep the whole file well under a
+minute on two cores. The accuracy script is skipped when the tiny CLIP checkpoint or CIFAR-100 is missing.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, Tuple
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.__main__ import SCRIPTS, script_arguments  # noqa: E402
+from benchmarks.accuracy import DEFAULT_DATA_ROOT, TINY_CHECKPOINT  # noqa: E402
+
+ACCURACY_INPUTS_PRESENT = TINY_CHECKPOINT.is_file() and (DEFAULT_DATA_ROOT / "cifar-100-python").is_dir()
+EXPECTED_FILES = {
+    "memory": ("memory.md", "memory.png", "memory.json"),
+    "speed": ("speed.md", "speed.json"),
+    "restore_memory": ("restore_memory.md",),
+    "accuracy": ("accuracy_smoke.md", "accuracy_smoke.json"),
+}
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory: pytest.TempPathFactory) -> Tuple[Path, Dict[str, Tuple[int, str]]]:
+    """Run every script's smoke arguments at once; return the output folder and (exit code, log) per script."""
+    out_dir = tmp_path_factory.mktemp("benchmarks")
+    arguments = script_arguments("smoke", out_dir)
+    scripts = [name for name in SCRIPTS if name != "accuracy" or ACCURACY_INPUTS_PRESENT]
+    processes = {}
+    for name in scripts:
+        log = open(out_dir / f"{name}.log", "w")
+        processes[name] = (subprocess.Popen([sys.executable, "-m", f"benchmarks.{name}", *arguments[name]],
+                                            cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT), log)
+    outcomes = {}
+    for name, (process, log) in processes.items():
+        code = process.wait(timeout=300)
+        log.close()
+        outcomes[name] = (code, (out_dir / f"{name}.log").read_text())
+    return out_dir, outcomes
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_script_writes_its_report(smoke_runs: Tuple[Path, Dict[str, Tuple[int, str]]], script: str) -> None:
+    if script == "accuracy" and not ACCURACY_INPUTS_PRESENT:
+        pytest.skip(f"needs {TINY_CHECKPOINT} and CIFAR-100 under {DEFAULT_DATA_ROOT}")
+    out_dir, outcomes = smoke_runs
+    code, log = outcomes[script]
+    assert code == 0, log[-3000:]
+    for name in EXPECTED_FILES[script]:
+        path = out_dir / name
+        assert path.is_file() and path.stat().st_size > 0, f"{script} did not write {name}:\n{log[-3000:]}"
+    report = (out_dir / EXPECTED_FILES[script][0]).read_text()
+    assert report.startswith("# ") and "\n| --- |" in report and "git commit" in report
+
+
+def test_main_lists_every_script_without_running() -> None:
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "--preset", "smoke", "--dry-run"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    for name in SCRIPTS:
+        assert f"benchmarks/{name}.py" in done.stdout

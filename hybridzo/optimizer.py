@@ -179,6 +179,9 @@ class HybridZOOptimizer(Optimizer):
             ValueError: an unknown key, an invalid value, or a ZO group whose
                 step-wide ZO settings differ from the existing ZO groups'.
             TypeError: a ZO group holding non-floating-point tensors.
+
+        An AdamW group whose ``adam_eps`` underflows to 0 in its parameters' dtype (1e-8 in
+        fp16) is refused too: AdamW would divide 0 by 0 where a gradient stays 0.
         """
         if not isinstance(param_group, dict):
             raise TypeError(f"param group must be a dict, got {type(param_group).__name__}")
@@ -192,14 +195,13 @@ class HybridZOOptimizer(Optimizer):
         options = {**self.defaults, **{k: group[k] for k in HYPERPARAMETERS if k in group}}
         validate_options(options, where)
         check_shared_zo_keys(options, where, self.param_groups)
-        if options["mode"] == "zo":
-            self._check_zo_tensors(group, where)
+        self._check_tensors(group, options, where)
         for key in COUNTER_KEYS:
             group.setdefault(key, 0)
         super().add_param_group(group)
 
     @staticmethod
-    def _check_zo_tensors(group: Dict[str, Any], where: str) -> None:
+    def _check_tensors(group: Dict[str, Any], options: Dict[str, Any], where: str) -> None:
         params = group["params"]
         if isinstance(params, Tensor):
             params = [params]
@@ -208,10 +210,25 @@ class HybridZOOptimizer(Optimizer):
             group["params"] = params
         for item in params:
             tensor = item[1] if isinstance(item, tuple) else item
-            if isinstance(tensor, Tensor) and (not tensor.is_floating_point() or tensor.is_complex()):
+            if not isinstance(tensor, Tensor):
+                continue  # torch's add_param_group reports it
+            if options["mode"] == "zo" and (not tensor.is_floating_point() or tensor.is_complex()):
                 raise TypeError(
                     f"Invalid params in {where}: ZO groups need real floating-point tensors, "
                     f"got dtype {tensor.dtype}"
+                )
+            adam_eps = options["adam_eps"]
+            if (
+                options["rule"] == "adamw"
+                and adam_eps > 0
+                and tensor.is_floating_point()
+                and torch.tensor(adam_eps, dtype=tensor.dtype).item() == 0
+            ):
+                # AdamW would then divide 0 by 0 wherever a coordinate's gradient was always 0.
+                raise ValueError(
+                    f"Invalid adam_eps in {where}: {adam_eps!r} (it underflows to 0 in "
+                    f"{tensor.dtype} parameters; use a value that {tensor.dtype} represents, such as "
+                    f"{torch.finfo(tensor.dtype).tiny:.1e}, or keep AdamW weights in bf16/fp32)"
                 )
 
     # ------------------------------------------------------------------ step

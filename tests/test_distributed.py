@@ -1,8 +1,6 @@
 """Data-parallel training with torch.distributed (gloo, 2 CPU processes)."""
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch

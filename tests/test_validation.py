@@ -69,6 +69,15 @@ def test_zo_group_needs_floating_point_tensors():
         HybridZOOptimizer([torch.zeros(2, dtype=torch.int64)])
 
 
+def test_adamw_eps_that_underflows_in_the_parameter_dtype():
+    half = nn.Parameter(torch.zeros(2, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"Invalid adam_eps in param group 0: 1e-08 .*float16"):
+        HybridZOOptimizer([half], rule="adamw")
+    HybridZOOptimizer([half], rule="adamw", adam_eps=1e-6)
+    HybridZOOptimizer([half], rule="sgd")  # SGD has no denominator
+    HybridZOOptimizer([nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))], rule="adamw")
+
+
 def test_zo_group_without_closure():
     opt = HybridZOOptimizer([{"params": [nn.Parameter(torch.zeros(2))]}, {"params": [nn.Parameter(torch.zeros(2))], "mode": "fo"}])
     with pytest.raises(ValueError, match=r"Invalid closure: None \(param groups \[0\] are ZO groups"):

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import sys
 import time
@@ -230,6 +231,12 @@ def _torch_step(workload: Workload) -> Callable[[Callable[[], torch.Tensor]], An
 
 ALL_CONFIGS = ["zo-central", "zo-forward", "zo-conservative", "vision-zo", "language-zo", "fo", "fo-torch",
                "mezo-ref", "mezo-pkg", "full-zo-central", "full-mezo-ref", "full-mezo-pkg"]
+MEZO_PACKAGE_CONFIGS = ("mezo-pkg", "full-mezo-pkg")
+# PyPI mezo is optional (`pip install --no-deps mezo==0.0.1`): without it its rows are left out by default.
+DEFAULT_CONFIGS = [
+    name for name in ALL_CONFIGS
+    if name not in MEZO_PACKAGE_CONFIGS or importlib.util.find_spec("mezo") is not None
+]
 
 
 # ------------------------------------------------------------------------------------------------- run
@@ -345,7 +352,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1: on a shared machine more threads make timings erratic)")
-    parser.add_argument("--configs", type=_measure.split_list, default=ALL_CONFIGS,
+    parser.add_argument("--configs", type=_measure.split_list, default=DEFAULT_CONFIGS,
                         help=f"comma-separated subset of: {', '.join(ALL_CONFIGS)}")
     parser.add_argument("--out", type=Path, default=_measure.RESULTS_DIR / "speed.md")
     args = parser.parse_args(argv)

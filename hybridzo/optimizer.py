@@ -317,7 +317,7 @@ class HybridZOOptimizer(Optimizer):
             loss_at_theta = bad.value if loss_at_theta is None else loss_at_theta
         except BaseException:
             if zo_tensors:
-                restore_([t.param for t in zo_tensors], [t.anchor for t in zo_tensors])
+                _restore_anchors(zo_tensors)
             raise
         finally:
             self._restore_grads(stashed_grads)
@@ -400,7 +400,7 @@ class HybridZOOptimizer(Optimizer):
 
         # 4. Commit the chosen ZO move (or none), writing only its state.
         if chosen is None:
-            restore_([t.param for t in zo_tensors], [t.anchor for t in zo_tensors])
+            _restore_anchors(zo_tensors)
         else:
             k, direction = chosen
             self._write_zo_move(zo_tensors, k, differences[k], direction, commit=True)
@@ -468,7 +468,7 @@ class HybridZOOptimizer(Optimizer):
                 else:
                     row.append(plus - loss_at_theta)  # type: ignore[operator]
             differences.append(row)
-        restore_([t.param for t in zo_tensors], [t.anchor for t in zo_tensors])
+        _restore_anchors(zo_tensors)
         mean = sum(probe_losses) / len(probe_losses) if probe_losses else None
         return differences, mean
 
@@ -536,7 +536,7 @@ class HybridZOOptimizer(Optimizer):
                 losses[(k, direction)] = self._probe_loss(
                     closure, rng, f"candidate {_describe((k, direction))}"
                 )
-        restore_([t.param for t in zo_tensors], [t.anchor for t in zo_tensors])
+        _restore_anchors(zo_tensors)
         preference: List[Optional[Tuple[int, int]]] = []
         for k in range(len(differences)):
             preference += [(k, d) for d in sorted(directions)]
@@ -575,7 +575,7 @@ class HybridZOOptimizer(Optimizer):
 
     def _abandon(self, zo_tensors: List[_ZOTensor], bad: _NonFiniteLoss) -> None:
         if zo_tensors:
-            restore_([t.param for t in zo_tensors], [t.anchor for t in zo_tensors])
+            _restore_anchors(zo_tensors)
         warnings.warn(
             f"HybridZOOptimizer: non-finite loss ({bad.value}) in {bad.phase}; step skipped, "
             "parameters and optimizer state left unchanged",
@@ -588,6 +588,11 @@ class HybridZOOptimizer(Optimizer):
             group["steps"] += 1
             if skipped:
                 group["nonfinite_steps"] += 1
+
+
+def _restore_anchors(zo_tensors: List[_ZOTensor]) -> None:
+    """Write every ZO tensor's anchor back into it."""
+    restore_([t.param for t in zo_tensors], [t.anchor for t in zo_tensors])
 
 
 def _describe(choice: Optional[Tuple[int, int]]) -> str:

@@ -96,12 +96,13 @@ def test_deepcopy_and_pickle_keep_state():
     for a, b in zip(restored.state.values(), opt.state.values()):
         for key in a:
             assert torch.equal(a[key], b[key]) if torch.is_tensor(a[key]) else a[key] == b[key]
-    # the copy can keep training, with a closure passed to step
-    restored_model = copy.deepcopy(model)
-    fresh = HybridZOOptimizer(model_and_groups()[1], lr=0.01)
-    fresh.load_state_dict(restored.state_dict())
+    # a copy taken together with its model keeps training that model, with a closure passed to step
+    model_copy, opt_copy = copy.deepcopy((model, opt))
+    before = [p.detach().clone() for p in model.parameters()]
     x, y = batches(1)[0]
-    clone.step(lambda: nn.functional.mse_loss(restored_model(x), y))
+    opt_copy.step(lambda: nn.functional.mse_loss(model_copy(x), y))
+    assert any(not torch.equal(p, b) for p, b in zip(model_copy.parameters(), before))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
 def test_step_and_state_dict_hooks_fire():

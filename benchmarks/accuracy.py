@@ -269,7 +269,9 @@ def write_report(results: Dict[str, Dict[str, Any]], tables: Sequence[Table], ar
                    f"{config.get('first_class')}, {config.get('epochs')} epoch(s) per task, batch "
                    f"{config.get('batch_size')}, FO lr {config.get('lr')} ({config.get('fo_rule')}), ZO lr "
                    f"{config.get('zo_lr') or config.get('lr')} ({config.get('zo_rule')}), eps "
-                   f"{config.get('eps_language')}, seed {config.get('seed')}. Full configs in each row's "
+                   f"{config.get('eps_language')}, seed {config.get('seed')}, prompts of seen classes "
+                   f"{'frozen at the end of their task' if config.get('freeze_seen_prompts') else 're-encoded'}. "
+                   "Full configs in each row's "
                    "results.json.")
     lines = [
         f"# Continual-learning accuracy, `{args.preset}` preset",

@@ -16,6 +16,10 @@ Protocol choices (after MoE-Adapters4CL, Yu et al., CVPR 2024, which both papers
   class. This holds for ZO-FC's linear head too (:class:`LinearHeadClassifier`): without replay, a loss
   over all seen rows would only push the old classes' rows down, so the old rows get no gradient and are
   kept as learnt, the usual choice in adapter-based class-incremental learning.
+* Prompt features are re-encoded through the current adapters at every evaluation (MoE-Adapters4CL), unless
+  :class:`TextPromptClassifier` is built with ``freeze_seen_prompts``: then each class's text feature is taken
+  at the end of its task and kept, as the linear head keeps its old rows (the CPU presets do this, because the
+  tiny CLIP's prompt features of new classes are learnt, not known in advance).
 * A fresh optimizer and a fresh warm-up + cosine learning-rate schedule are built for every task (the
   schedule restarts per task, as in MoE-Adapters4CL, whose AdamW optimizer is also rebuilt per task). This
   also lets the ZO-FC linear head grow by new rows between tasks.
@@ -258,14 +262,21 @@ def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]
 class TextPromptClassifier:
     """CLIP's zero-shot classifier: logits = logit_scale * cos(image features, prompt features).
 
-    The text features are recomputed on every training call, because the language tower's adapters may
-    be trained (and are perturbed by ZO probes).
+    The text features of the current task's classes are recomputed on every training call, because the
+    language tower's adapters may be trained (and are perturbed by ZO probes).
+
+    With ``freeze_seen_prompts``, the text feature of each class is computed once, at the end of its task,
+    and kept: a class's prompt feature is its classifier row, and this keeps the rows of old classes as
+    learnt, the choice the ZO-FC linear head makes (:class:`LinearHeadClassifier`). Without it (MoE-Adapters4CL's
+    protocol), every evaluation re-encodes all prompts through the current adapters, so training a shared
+    language adapter on a new task also moves every old class's row.
 
     Args:
         model: An open_clip CLIP.
         tokenizer: Maps a list of strings to a token tensor.
         classnames: Class names indexed by label.
         template: Prompt with one ``{}`` for the class name; default :data:`PROMPT_TEMPLATE`.
+        freeze_seen_prompts: Keep each class's text feature from the end of its task; default ``False``.
     """
 
     def __init__(
@@ -274,29 +285,53 @@ class TextPromptClassifier:
         tokenizer: Callable[[list[str]], torch.Tensor],
         classnames: Sequence[str],
         template: str = PROMPT_TEMPLATE,
+        freeze_seen_prompts: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.classnames = list(classnames)
         self.template = template
+        self.freeze_seen_prompts = freeze_seen_prompts
+        self._frozen_features: dict[int, torch.Tensor] = {}
 
     def begin_task(self, task_classes: Sequence[int]) -> None:
         """Nothing to prepare: every class already has its prompt."""
+
+    @torch.no_grad()
+    def end_task(self, task_classes: Sequence[int]) -> None:
+        """With ``freeze_seen_prompts``, encode the task's prompts once more (eval mode) and keep them."""
+        if not self.freeze_seen_prompts:
+            return
+        device = next(self.model.parameters()).device
+        was_training = self.model.training
+        self.model.eval()
+        features = self._encode(list(task_classes), device)
+        self.model.train(was_training)
+        self._frozen_features.update(zip(task_classes, features))
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """The classifier has no parameters besides the model's."""
         return iter(())
 
-    def _text_features(self, classes: Sequence[int], device: torch.device) -> torch.Tensor:
+    def _encode(self, classes: Sequence[int], device: torch.device) -> torch.Tensor:
         prompts = [self.template.format(self.classnames[c]) for c in classes]
         return self.model.encode_text(self.tokenizer(prompts).to(device), normalize=True)
+
+    def _text_features(self, classes: Sequence[int], device: torch.device) -> torch.Tensor:
+        fresh = [c for c in classes if c not in self._frozen_features]
+        if len(fresh) == len(classes):
+            return self._encode(classes, device)
+        feature_of = dict(self._frozen_features)
+        if fresh:
+            feature_of.update(zip(fresh, self._encode(fresh, device)))
+        return torch.stack([feature_of[c].to(device) for c in classes])
 
     def _logits(self, images: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         image_features = self.model.encode_image(images, normalize=True)
         return self.model.logit_scale.exp() * image_features @ text_features.T
 
     def train_logits(self, images: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
-        """Logits ``(N, len(classes))`` of ``images`` over ``classes``, prompts encoded afresh."""
+        """Logits ``(N, len(classes))`` of ``images`` over ``classes``; prompts not frozen are encoded afresh."""
         return self._logits(images, self._text_features(classes, images.device))
 
     def scorer(self, classes: Sequence[int], device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -330,6 +365,9 @@ class LinearHeadClassifier:
             self.head.expand(len(new_classes))
             for c in new_classes:
                 self._row_of[c] = len(self._row_of)
+
+    def end_task(self, task_classes: Sequence[int]) -> None:
+        """Nothing to do: the rows of past classes get no gradient from later tasks' losses."""
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """The head's parameters, named ``head.weight`` / ``head.bias`` (outside both CLIP towers)."""
@@ -574,6 +612,7 @@ def run_class_incremental(
                     break
         bar.close()
         record.train_time_s += time.perf_counter() - train_start
+        classifier.end_task(task_classes)
 
         seen_classes = [c for task in tasks[: t + 1] for c in task]
         test_indices = indices_of_classes(test_source.labels, seen_classes, per_class=max_test_per_class)

@@ -118,7 +118,10 @@ def test_preset_fills_defaults_and_flags_override():
     args = clip_cl.parse_args(["--preset", "smoke", "--batch-size", "8"])
     assert (args.model, args.tasks, args.classes_per_task, args.first_class) == ("tiny", 2, 5, 50)
     assert args.batch_size == 8
-    assert clip_cl.parse_args(["--preset", "paper"]).pretrained == "openai"
+    assert args.freeze_seen_prompts
+    assert not clip_cl.parse_args(["--preset", "smoke", "--no-freeze-seen-prompts"]).freeze_seen_prompts
+    paper = clip_cl.parse_args(["--preset", "paper"])
+    assert paper.pretrained == "openai" and not paper.freeze_seen_prompts
 
 
 def test_zo_branch_without_adapters_is_rejected():
@@ -170,6 +173,48 @@ def test_run_class_incremental_records_a_consistent_history(classifier_kind):
     assert all(np.isfinite(record.losses))
     if classifier_kind == "linear":
         assert classifier.head.num_classes == 4
+
+
+def _shift_language_adapters(model: torch.nn.Module) -> None:
+    """Move every language-tower adapter parameter, as training a new task would."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad and name.startswith("transformer."):
+                parameter.add_(torch.randn(parameter.shape, generator=generator))
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_freeze_seen_prompts_keeps_old_class_rows(freeze):
+    model = small_clip()
+    tokenizer = make_tokenizer(16)
+    classnames = synthetic_images().classnames
+    classifier = TextPromptClassifier(model, tokenizer, classnames, freeze_seen_prompts=freeze)
+    model.eval()
+    images = torch.randn(3, 3, 32, 32)
+
+    def reference_logits(classes):  # prompts encoded through the model as it is now
+        prompts = [classifier.template.format(classnames[c]) for c in classes]
+        text = model.encode_text(tokenizer(prompts), normalize=True)
+        return model.logit_scale.exp() * model.encode_image(images, normalize=True) @ text.T
+
+    with torch.no_grad():
+        model.train()
+        classifier.end_task([2, 0])
+        assert model.training  # end_task restores the mode it found
+        model.eval()
+        old_logits = reference_logits([2, 0])
+        _shift_language_adapters(model)
+        new_logits = reference_logits([2, 0, 3])
+        assert not torch.allclose(old_logits, new_logits[:, :2])  # the shift does move the old prompts
+        scored = classifier.scorer([2, 0, 3], torch.device("cpu"))(images)
+        trained = classifier.train_logits(images, [3])
+
+    # Class 3 (not yet seen) always follows the adapters; classes 2 and 0 keep their end-of-task rows
+    # only when frozen.
+    torch.testing.assert_close(scored[:, 2], new_logits[:, 2])
+    torch.testing.assert_close(trained[:, 0], new_logits[:, 2])
+    torch.testing.assert_close(scored[:, :2], old_logits if freeze else new_logits[:, :2])
 
 
 @pytest.mark.slow

@@ -74,10 +74,10 @@ IMAGE_FOLDER_DATASETS = {
 
 # Notes on the CPU presets:
 # * Batch 32 and lr 1e-2 instead of the paper's 128 and 1e-3. The tiny CLIP hardly knows the 50 classes it
-#   learns (3.5% zero-shot among them, chance 2%), unlike ViT-B/16 on CIFAR-100, so its adapters need more and
-#   larger steps than one epoch of 40 steps per task gives: measured FO baseline, 5 tasks, batch 128, lr 1e-3:
-#   Last 4.1%; first 2 tasks: batch 128 / lr 1e-2: Last 10.2%, batch 32 / lr 3e-3: 17.7%, batch 32 / lr 1e-2:
-#   24.1%.
+#   learns (3% zero-shot among them, chance 2%), unlike ViT-B/16 on CIFAR-100, so its adapters need more and
+#   larger steps than one epoch of 40 steps per task gives: measured (first checkpoint) FO baseline, 5 tasks,
+#   batch 128, lr 1e-3: Last 4.1%; first 2 tasks: batch 128 / lr 1e-2: Last 10.2%, batch 32 / lr 3e-3:
+#   17.7%, batch 32 / lr 1e-2: 24.1%.
 # * One torch thread: the tiny model's many small kernels each end in a barrier across threads, and on cores
 #   shared with other processes a descheduled thread stalls every barrier (measured: a MoZO step 3-6x slower
 #   with 2 threads than with 1 while another job was running).

@@ -19,6 +19,7 @@ are built from whatever results exist (missing rows say so).
     python benchmarks/accuracy.py --preset cpu [--rows table1,table4] [--only NAME,...] [--jobs 2]
     python benchmarks/accuracy.py --preset paper          # ViT-B/16, OpenAI weights: for a GPU
     python benchmarks/accuracy.py --smoke                 # one row with the examples' smoke preset
+    python benchmarks/accuracy.py --report-only           # tables from the finished rows, nothing run
 """
 
 from __future__ import annotations
@@ -323,6 +324,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Any]]:
     parser.add_argument("--out", type=Path, default=None,
                         help="markdown report (default: benchmarks/results/accuracy_<preset>.md)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: write the tables from the results already in --runs-dir")
     parser.add_argument("--list", action="store_true", help="list the rows and exit")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -346,9 +349,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Any]]:
             print(shlex.join([sys.executable, str(CLIP_CL), *ROWS[name].arguments(args.preset),
                               "--out", str(args.runs_dir / name), *extra]))
         return {}
-    if args.preset in ("cpu", "smoke") and not TINY_CHECKPOINT.is_file():
+    if args.report_only:
+        selected = []
+    elif args.preset in ("cpu", "smoke") and not TINY_CHECKPOINT.is_file():
         raise SystemExit(f"{TINY_CHECKPOINT} is missing; create it with `python examples/tiny_clip.py pretrain`")
-    if not (args.data_root / "cifar-100-python").is_dir():
+    if selected and not (args.data_root / "cifar-100-python").is_dir():
         raise SystemExit(f"CIFAR-100 not found under {args.data_root} (expected cifar-100-python/)")
 
     info = _measure.environment()

@@ -69,3 +69,37 @@ def test_main_lists_every_script_without_running() -> None:
     assert done.returncode == 0, done.stderr
     for name in SCRIPTS:
         assert f"benchmarks/{name}.py" in done.stdout
+
+
+def _fake_result(last: float, avg: float) -> dict:
+    """A results.json of examples/clip_cl.py, reduced to what the accuracy report reads."""
+    return {"last": last, "avg": avg, "forgetting": 10.0, "seen_acc": [avg, last], "acc_matrix": [[avg, None],
+            [last, last]], "steps": 100, "forward_passes": 500, "backward_passes": 0, "train_time_s": 90.0,
+            "wall_time_s": 100.0, "peak_memory_mib": 1000.0, "peak_memory_kind": "cpu_peak_rss", "command": "x",
+            "tasks": [[0], [1]], "config": {"model": "tiny", "freeze_seen_prompts": True}}
+
+
+def test_accuracy_report_only_tabulates_finished_rows(tmp_path: Path) -> None:
+    import json
+
+    from benchmarks.accuracy import main as accuracy_main
+
+    runs = tmp_path / "runs"
+    for name, (last, avg) in {"moe-fo": (20.0, 30.0), "moe-dual": (12.5, 27.0)}.items():
+        (runs / name).mkdir(parents=True)
+        (runs / name / "results.json").write_text(json.dumps(_fake_result(last, avg)))
+    out = tmp_path / "accuracy_test.md"
+    results = accuracy_main(["--preset", "cpu", "--rows", "table1", "--report-only", "--runs-dir", str(runs),
+                             "--out", str(out)])
+
+    assert sorted(results) == ["moe-dual", "moe-fo"]
+    assert not (runs / "moe-vision").exists()  # nothing was run
+    lines = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in out.read_text().splitlines()
+             if line.startswith("| ")}
+    dual = lines["Dual w/ ZO"]
+    # Last, Avg, Δ Last against the FO baseline (12.5 - 20.0), forgetting; paper Δ = 67.64 - 77.52.
+    assert dual[1:5] == ["12.50", "27.00", "-7.50", "10.00"] and dual[7] == "-9.88"
+    assert dual[8] == "5.0 / 0.0"
+    assert lines["Vision w/ ZO"][1] == "not run"
+    assert "prompts of seen classes frozen" in out.read_text()
+    assert json.loads(out.with_suffix(".json").read_text())["rows"]["moe-dual"]["last"] == 12.5

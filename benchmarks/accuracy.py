@@ -290,6 +290,10 @@ def write_report(results: Dict[str, Dict[str, Any]], tables: Sequence[Table], ar
         "numbers are CIFAR-100 Inc10 with CLIP ViT-B/16 (OpenAI weights); compare the \u0394 columns, not the "
         "absolute accuracies, when the model differs.",
     ]
+    if args.report_only:
+        lines.append("- Built with `--report-only` from runs made earlier: the machine, versions, date and commit above "
+                     "are this report's; each run's own command, versions and checkpoint sha256 are in its "
+                     "results.json.")
     if statuses:
         lines += ["", "Rows this invocation touched: " + "; ".join(f"`{k}` {v}" for k, v in statuses.items()) + "."]
     for table in tables:

@@ -101,5 +101,5 @@ def test_accuracy_report_only_tabulates_finished_rows(tmp_path: Path) -> None:
     assert dual[1:5] == ["12.50", "27.00", "-7.50", "10.00"] and dual[7] == "-9.88"
     assert dual[8] == "5.0 / 0.0"
     assert lines["Vision w/ ZO"][1] == "not run"
-    assert "prompts of seen classes frozen" in out.read_text()
+    assert "prompts of seen classes frozen" in out.read_text() and "--report-only" in out.read_text()
     assert json.loads(out.with_suffix(".json").read_text())["rows"]["moe-dual"]["last"] == 12.5

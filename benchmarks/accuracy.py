@@ -231,6 +231,13 @@ def table_markdown(table: Table, results: Dict[str, Dict[str, Any]], preset: str
     return _measure.markdown_table(headers, lines)
 
 
+def _palette(count: int) -> List[Tuple[float, ...]]:
+    """``count`` distinguishable colours: matplotlib's tab10, or tab20 beyond ten lines."""
+    from matplotlib import colormaps
+
+    return list(colormaps["tab10" if count <= 10 else "tab20"].colors)[:count]
+
+
 def plot_table(table: Table, results: Dict[str, Dict[str, Any]], path: Path, preset: str) -> Optional[Path]:
     """Accuracy on all seen classes after each task, one line per row of the table that has results."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -239,19 +246,29 @@ def plot_table(table: Table, results: Dict[str, Dict[str, Any]], path: Path, pre
     present = [name for name in table.rows if name in results]
     if not present:
         return None
-    figure = Figure(figsize=(7, 4.5))
+    if table.baseline in results and table.baseline not in present:
+        present.insert(0, table.baseline)  # every Δ is against it, so show it too
+    figure = Figure(figsize=(8.5, 4.5))
     FigureCanvasAgg(figure)
     axes = figure.add_subplot(1, 1, 1)
+    others = [name for name in present if name != table.baseline]
+    tasks = 0
     for name in present:
         seen = results[name]["seen_acc"]
-        style = "--" if name == table.baseline else "-"
-        axes.plot(range(1, len(seen) + 1), seen, style, marker="o", markersize=3,
-                  label=ROWS[name].display(preset))
+        tasks = max(tasks, len(seen))
+        if name == table.baseline:
+            style = {"color": "black", "linestyle": "--", "linewidth": 1.8}
+        else:
+            index = others.index(name)
+            style = {"color": _palette(len(others))[index], "linestyle": ("-", "-.")[index % 2]}
+        axes.plot(range(1, len(seen) + 1), seen, marker="o", markersize=3, label=ROWS[name].display(preset),
+                  **style)
+    axes.set_xticks(range(1, tasks + 1))
     axes.set_xlabel("task")
     axes.set_ylabel("accuracy on all seen classes (%)")
     axes.set_title(f"{table.title} ({preset} preset)", fontsize=9)
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=7)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)

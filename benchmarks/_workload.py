@@ -138,6 +138,7 @@ class ZOSettings:
     sign: Optional[str] = None
     queries: int = 1
     eps: float = 1e-3
+    restore: str = "exact"
 
 
 CONSERVATIVE = ZOSettings()
@@ -170,7 +171,7 @@ def param_groups(workload: Workload, placement: Placement, fo_rule: str = "adamw
     """ZO groups for the placement's towers and layers (SGD rule) and one FO group for the rest."""
     layers = placement.resolved_layers(tower_depth(workload.model))
     zo_options = {"mode": "zo", "lr": zo_lr, "rule": "sgd", "eps": placement.settings.eps,
-                  "sign": placement.settings.sign}
+                  "sign": placement.settings.sign, "restore": placement.settings.restore}
     rules = [GroupRule(branch=BRANCH_PATTERNS[tower], layers=layers, options=zo_options, name=f"{tower}-zo")
              for tower in BRANCH_TOWERS[placement.branch]]
     return build_param_groups(workload.model.named_parameters(), rules,
@@ -187,7 +188,8 @@ def make_optimizer(workload: Workload, placement: Placement, seed: int = 0) -> H
 def full_model_zo_optimizer(workload: Workload, settings: ZOSettings = NAIVE, seed: int = 0) -> HybridZOOptimizer:
     """Every parameter of the model, backbone included, in one ZO group (MeZO's full fine-tuning)."""
     return HybridZOOptimizer(list(workload.model.parameters()), lr=1e-9, eps=settings.eps,
-                             estimator=settings.estimator, conservative=settings.conservative, seed=seed)
+                             estimator=settings.estimator, conservative=settings.conservative,
+                             restore=settings.restore, seed=seed)
 
 
 def group_sizes(optimizer: torch.optim.Optimizer) -> Tuple[int, int]:

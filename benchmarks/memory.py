@@ -8,6 +8,7 @@ ZO-SGD-Cons, and plain SGD; FO groups use AdamW, as MoE-Adapters4CL):
 * ``fo``: the FO baseline through ``HybridZOOptimizer`` (every group FO);
 * ``dual`` / ``vision`` / ``language``: ZO on that branch's adapters, FO elsewhere (Table 5);
 * ``dual-naive``: pure ZO with ZO* / ZO-SGD (central, q=1, no candidate check), MeZO's step;
+* ``dual-inplace``: Dual w/ ZO with ``restore="inplace"`` (no copy of the ZO parameters);
 * ``<branch>-<hop-odd|hop-even|prefix|suffix>``: ZO on those layers of the branch (Table 2's placements;
   prefix/suffix cover half the blocks, "six" on ViT-B/16);
 * ``lora-fo`` / ``lora-dual`` / ``lora-vision`` / ``lora-language``: the same with LoRA (Table 5's dagger).
@@ -25,6 +26,11 @@ Also written: a pure-ZO step's peak against the no-grad forward's, and optimizer
 trainable parameter for every rule and mode against ``torch.optim.SGD`` and ``AdamW``.
 
     python benchmarks/memory.py [--model ViT-B-16] [--batch 8] [--prompts 10] [--device cpu]
+
+To add or re-measure a few configurations without rerunning the rest (about a minute each on CPU),
+``--configs NAMES --keep-from benchmarks/results/memory.json`` takes every other configuration, and the
+batch sweep unless ``--sweep-batches`` is given, from that earlier run; the report says which rows were
+kept and from which commit.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -65,6 +71,7 @@ class MemoryConfig:
         branch: ZO branch of the hybridzo placement (``"none"``: all FO).
         layers: hybridzo layer pattern of the ZO groups.
         conservative: ZO-SGD-Cons (True) or ZO* / ZO-SGD (False).
+        restore: the ZO groups' ``restore`` (``"exact"`` or ``"inplace"``).
     """
 
     label: str
@@ -73,6 +80,7 @@ class MemoryConfig:
     branch: str = "none"
     layers: str = "all"
     conservative: bool = True
+    restore: str = "exact"
 
 
 def _configurations() -> Dict[str, MemoryConfig]:
@@ -85,6 +93,8 @@ def _configurations() -> Dict[str, MemoryConfig]:
         configs[branch] = MemoryConfig(f"{name} w/ ZO", "hybridzo", branch=branch)
     configs["dual-naive"] = MemoryConfig("Dual w/ ZO* (ZO-SGD, MeZO step)", "hybridzo", branch="dual",
                                          conservative=False)
+    configs["dual-inplace"] = MemoryConfig("Dual w/ ZO, restore='inplace'", "hybridzo", branch="dual",
+                                           restore="inplace")
     for branch, name in BRANCH_LABELS.items():
         for key, layers in LAYER_PATTERNS.items():
             shown = layers.replace("half", "K/2")
@@ -118,7 +128,8 @@ def _operation(config: MemoryConfig, workload: Workload) -> Tuple[Callable[[], A
     if config.operation == "torch-adamw":
         optimizer = torch.optim.AdamW(workload.adapter_parameters(), lr=1e-5)
         return (lambda: torch_step(optimizer, workload.loss)), {"zo": 0, "fo": workload.trainable_count()}
-    placement = Placement(config.branch, config.layers, CONSERVATIVE if config.conservative else NAIVE)
+    settings = replace(CONSERVATIVE if config.conservative else NAIVE, restore=config.restore)
+    placement = Placement(config.branch, config.layers, settings)
     optimizer = make_optimizer(workload, placement)
     zo, fo = group_sizes(optimizer)
     return (lambda: optimizer.step(workload.loss)), {"zo": zo, "fo": fo}
@@ -298,9 +309,24 @@ def _sweep_table(results: Dict[str, Dict[str, Any]], sweep: Dict[int, Dict[str, 
                                     "Language w/ ZO", "Vision + Language reductions"], rows)
 
 
+def _load_kept(path: Path, settings: Dict[str, Any], measured: Sequence[str]) -> Dict[str, Any]:
+    """An earlier run's results to keep, checked against this run's settings."""
+    previous = json.loads(path.read_text())
+    if "settings" in previous:
+        # Files from before settings were recorded carry the command in the report instead.
+        differing = {k: (previous["settings"].get(k), v) for k, v in settings.items()
+                     if previous["settings"].get(k) != v}
+        if differing:
+            raise SystemExit(f"--keep-from {path}: measured with other settings {differing} (earlier, now)")
+    kept_configs = [name for name in previous["results"] if name not in measured and name in CONFIGS]
+    batch_sweep = {int(batch): rows for batch, rows in previous.get("batch_sweep", {}).items()}
+    return {"results": previous["results"], "batch_sweep": batch_sweep, "environment": previous["environment"],
+            "kept_configs": kept_configs}
+
+
 def write_report(results: Dict[str, Dict[str, Any]], sweep: Dict[int, Dict[str, Dict[str, Any]]],
                  state_rows: List[Dict[str, Any]], args: argparse.Namespace, info: Dict[str, Any], load_after: str,
-                 argv: Optional[Sequence[str]]) -> str:
+                 argv: Optional[Sequence[str]], kept: Optional[Dict[str, Any]] = None) -> str:
     """The markdown of ``memory.md``."""
     any_result = next(iter(results.values()))
     headers = ["configuration", "ZO / FO trainable params", "step peak above model (MiB)", "vs FO",
@@ -319,11 +345,21 @@ def write_report(results: Dict[str, Dict[str, Any]], sweep: Dict[int, Dict[str, 
         "batch and optimizer; *training peak incl. weights* = peak minus the memory of the bare runtime "
         "(Python, torch), i.e. weights + step (what `torch.cuda.max_memory_allocated` reports on a GPU). "
         "ZO groups: ZO-SGD-Cons, plain SGD rule; FO groups: AdamW.",
+    ]
+    if kept is not None:
+        env = kept["environment"]
+        what = ", ".join(f"`{name}`" for name in kept["kept_configs"]) or "no configurations"
+        if sweep and not args.sweep_batches:
+            what += " and the batch sweep"
+        lines.append(f"- Kept from `{args.keep_from.as_posix()}`, measured {env['date']} at git commit "
+                     f"{env['git_commit']}: {what}. Everything else was measured by this command.")
+    lines += [
         "",
         "## Branches (Table 5, MoE adapters)",
         "",
         _measure.markdown_table(paper_headers, _rows(results, ["inference", "fo-torch", "fo", "dual", "vision",
-                                                               "language", "dual-naive"], "fo", True)),
+                                                               "language", "dual-naive", "dual-inplace"], "fo",
+                                                              True)),
     ]
     if sweep:
         lines += ["", "## Reductions against batch size (MoE adapters)", "",
@@ -348,7 +384,7 @@ def write_report(results: Dict[str, Dict[str, Any]], sweep: Dict[int, Dict[str, 
     if "inference" in results:
         forward = results["inference"]
         rows = []
-        for name in ("dual", "dual-naive"):
+        for name in ("dual", "dual-naive", "dual-inplace"):
             if name in results:
                 r = results[name]
                 rows.append([CONFIGS[name].label, f"{r['total_mib']:.0f} / {forward['total_mib']:.0f}",
@@ -356,17 +392,18 @@ def write_report(results: Dict[str, Dict[str, Any]], sweep: Dict[int, Dict[str, 
                              f"{r['above_model_mib']:.0f} / {forward['above_model_mib']:.0f}",
                              f"{r['above_model_mib'] / forward['above_model_mib']:.2f}"])
         lines += ["", "## Pure-ZO step against a no-grad forward (same model and batch)", "",
-                  "Target: training peak incl. weights of a pure-ZO step <= 1.05 x the inference peak. The step "
-                  "also holds one copy of the ZO (adapter) parameters for exact restore "
-                  f"({any_result['trainable_params'] * 4 / MIB:.1f} MiB here in fp32) and one direction tensor at a "
-                  "time, which the *above model* ratio shows on its own.", "",
+                  "Target: training peak incl. weights of a pure-ZO step <= 1.05 x the inference peak. With "
+                  "`restore='exact'` (the default) the step also holds one copy of the ZO (adapter) parameters "
+                  f"({any_result['trainable_params'] * 4 / MIB:.1f} MiB here in fp32); every step holds one "
+                  "direction tensor at a time. The *above model* ratio shows these on their own.", "",
                   _measure.markdown_table(["pure-ZO step", "peak incl. weights: step / forward (MiB)", "ratio",
                                            "above model: step / forward (MiB)", "ratio"], rows)]
     if state_rows:
         lines += ["", "## Optimizer state per trainable parameter", "",
                   f"Persistent state after 2 steps on `{args.state_model}` CLIP with MoE adapters "
                   f"({state_rows[0]['trainable_params']:,} fp32 trainable parameters, 4 bytes each). A ZO step "
-                  "additionally holds one copy of its ZO parameters (4 bytes/param in fp32) until it ends.", "",
+                  "with `restore='exact'` additionally holds one copy of its ZO parameters (4 bytes/param in fp32) "
+                  "until it ends; `restore='inplace'` does not.", "",
                   _measure.markdown_table(["optimizer", "state bytes", "bytes / trainable param"],
                                           [[r["optimizer"], f"{r['state_bytes']:,}", f"{r['bytes_per_param']:.3f}"]
                                            for r in state_rows])]
@@ -394,6 +431,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--state-model", default="tiny", help="model of the optimizer-state table ('' to skip)")
     parser.add_argument("--out", type=Path, default=_measure.RESULTS_DIR / "memory.md")
     parser.add_argument("--plot", type=Path, default=None, help="bar chart (default: --out with .png)")
+    parser.add_argument("--keep-from", type=Path, default=None,
+                        help="memory.json of an earlier run with the same settings: configurations not in "
+                             "--configs (and its batch sweep, unless --sweep-batches is given) are taken from it")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     unknown = set(args.configs) - CONFIGS.keys()
@@ -404,6 +444,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                                  args.threads)))
         return {}
     args.plot = args.plot or args.out.with_suffix(".png")
+    settings = {"model": args.model, "batch": args.batch, "prompts": args.prompts, "device": args.device,
+                "warmup_steps": args.warmup_steps, "threads": args.threads}
+    kept = _load_kept(args.keep_from, settings, args.configs) if args.keep_from else None
 
     import torch
 
@@ -418,6 +461,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         print(f"{name:>18}: above model {r['above_model_mib']:8.1f} MiB, incl. weights {r['total_mib']:8.1f} MiB",
               flush=True)
     sweep: Dict[int, Dict[str, Dict[str, Any]]] = {}
+    if kept is not None:
+        results = {name: results.get(name) or kept["results"][name] for name in CONFIGS
+                   if name in results or name in kept["results"]}
+        if not args.sweep_batches:
+            sweep = kept["batch_sweep"]
     for batch in args.sweep_batches:
         batch_args = [*child_args]
         batch_args[batch_args.index("--batch") + 1] = str(batch)
@@ -430,11 +478,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     load_after = _measure.load_average()
     title = f"{args.model}, batch {args.batch}, {args.prompts} prompts: peak memory of one step"
     write_plot(results, args.plot, title)
-    report = write_report(results, sweep, state_rows, args, info, load_after, argv)
+    report = write_report(results, sweep, state_rows, args, info, load_after, argv, kept)
     _measure.write_text(args.out, report)
-    _measure.write_text(args.out.with_suffix(".json"),
-                        json.dumps({"environment": info, "results": results, "batch_sweep": sweep,
-                                    "optimizer_state": state_rows}, indent=1) + "\n")
+    record = {"environment": info, "settings": settings, "results": results, "batch_sweep": sweep,
+              "optimizer_state": state_rows}
+    if kept is not None:
+        record["kept_from"] = {"path": str(args.keep_from), "environment": kept["environment"],
+                               "configs": kept["kept_configs"], "batch_sweep": not args.sweep_batches}
+    _measure.write_text(args.out.with_suffix(".json"), json.dumps(record, indent=1) + "\n")
     print(report)
     return {"results": results, "batch_sweep": sweep, "optimizer_state": state_rows}
 

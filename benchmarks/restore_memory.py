@@ -1,4 +1,4 @@
-"""What exact restore costs: peak memory of one pure-ZO step against a no-grad forward.
+"""What restore costs: peak memory of one pure-ZO step against a no-grad forward.
 
 Each measurement runs in a fresh Python process. After the model and batch are
 built and one forward has warmed up the allocator and kernels, the peak-memory
@@ -7,7 +7,8 @@ the operation runs once, and the reported figure is the new peak minus the memor
 before the operation. Three operations on the same model and batch:
 
 * ``forward``: one ``torch.no_grad()`` forward (the floor for any forward-only method);
-* ``hybridzo``: one ``HybridZOOptimizer.step`` (central estimator, q=1);
+* ``hybridzo``: one ``HybridZOOptimizer.step`` (central estimator, q=1, ``restore="exact"``);
+* ``hybridzo-inplace``: the same step with ``restore="inplace"`` (no copy of the ZO parameters);
 * ``mezo-inplace``: the MeZO loop (+eps, -2eps, +eps in place, a forward after each of the
   first two, then an update sweep), which needs no copy of the parameters but does not
   restore them exactly.
@@ -31,7 +32,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from benchmarks import _measure  # noqa: E402
 from benchmarks._measure import MIB  # noqa: E402
 
-OPERATIONS = ("forward", "hybridzo", "mezo-inplace")
+OPERATIONS = ("forward", "hybridzo", "hybridzo-inplace", "mezo-inplace")
 PLACEMENTS = ("full", "adapter")
 
 
@@ -60,7 +61,8 @@ def measure(operation: str, placement: str, width: int, depth: int, batch: int) 
     zo_params = list(adapter.parameters())
     if placement == "full":
         zo_params = list(model.parameters()) + zo_params
-    opt = HybridZOOptimizer(zo_params, lr=1e-6, eps=1e-3, seed=0)
+    restore = "inplace" if operation == "hybridzo-inplace" else "exact"
+    opt = HybridZOOptimizer(zo_params, lr=1e-6, eps=1e-3, restore=restore, seed=0)
     with torch.no_grad():
         closure()  # warm up allocator and kernels outside the measured window
     meter = _measure.PeakMemory("cpu")
@@ -69,7 +71,7 @@ def measure(operation: str, placement: str, width: int, depth: int, batch: int) 
     if operation == "forward":
         with torch.no_grad():
             closure()
-    elif operation == "hybridzo":
+    elif operation in ("hybridzo", "hybridzo-inplace"):
         opt.step(closure)
     else:
         with torch.no_grad():
@@ -118,9 +120,9 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         r = {row["operation"]: row for row in rows if row["placement"] == placement}
         table.append([placement, f"{r['forward']['zo_param_mib']:.1f}", f"{r['forward']['largest_zo_tensor_mib']:.1f}",
                       f"{r['forward']['above_start_mib']:.1f}", f"{r['hybridzo']['above_start_mib']:.1f}",
-                      f"{r['mezo-inplace']['above_start_mib']:.1f}"])
+                      f"{r['hybridzo-inplace']['above_start_mib']:.1f}", f"{r['mezo-inplace']['above_start_mib']:.1f}"])
     lines = [
-        "# Memory of exact restore",
+        "# Memory of exact and in-place restore",
         "",
         _measure.environment_markdown(info, _measure.command_line("benchmarks/restore_memory.py", argv),
                                       _measure.load_average()),
@@ -128,7 +130,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         "thread. Peak RSS above the RSS before the operation, fresh process per row.",
         "",
         _measure.markdown_table(["ZO placement", "ZO params (MiB)", "largest ZO tensor (MiB)",
-                                 "no-grad forward (MiB)", "hybridzo step (MiB)", "MeZO in-place step (MiB)"], table),
+                                 "no-grad forward (MiB)", "hybridzo step, exact (MiB)",
+                                 "hybridzo step, inplace (MiB)", "MeZO in-place step (MiB)"], table),
     ]
     report = "\n".join(lines) + "\n"
     _measure.write_text(args.out, report)

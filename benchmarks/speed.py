@@ -48,6 +48,7 @@ from benchmarks._workload import (  # noqa: E402
     MODEL_CHOICES_HELP,
     NAIVE,
     Placement,
+    ZOSettings,
     Workload,
     build_workload,
     full_model_zo_optimizer,
@@ -55,6 +56,9 @@ from benchmarks._workload import (  # noqa: E402
     torch_step,
 )
 from hybridzo.perturbation import DirectionGenerator  # noqa: E402
+
+INPLACE = ZOSettings(conservative=False, restore="inplace")
+"""ZO-SGD with MeZO's in-place round trip instead of the exact-restore copy."""
 
 ZEROFLOW_EPOCH_S = {"zo-sgd": 32.4, "zo-sgd-cons": 70.1, "fo-sgd": 59.3}
 """ZeroFlow's CIFAR-100 epoch times (s): the published ratios the speed table is set against."""
@@ -213,6 +217,9 @@ def build_configs(workload: Workload, names: Sequence[str]) -> Dict[str, SpeedCo
                                         mezo_package_step(workload.model, adapters, zo_lr, eps)),
         "full-zo-central": lambda: SpeedConfig("hybridzo ZO-SGD, central q=1", "2", 2, "full model",
                                                full_model_zo_optimizer(workload).step, True),
+        "full-zo-inplace": lambda: SpeedConfig("hybridzo ZO-SGD, central q=1, restore='inplace'", "2", 2,
+                                               "full model",
+                                               full_model_zo_optimizer(workload, INPLACE).step, True),
         "full-mezo-ref": lambda: SpeedConfig("MeZO reference loop", "2", 2, "full model",
                                              MeZOReference(everything, zo_lr, eps).step),
         "full-mezo-pkg": lambda: SpeedConfig("PyPI mezo.update", "2", 2, "full model",
@@ -230,7 +237,7 @@ def _torch_step(workload: Workload) -> Callable[[Callable[[], torch.Tensor]], An
 
 
 ALL_CONFIGS = ["zo-central", "zo-forward", "zo-conservative", "vision-zo", "language-zo", "fo", "fo-torch",
-               "mezo-ref", "mezo-pkg", "full-zo-central", "full-mezo-ref", "full-mezo-pkg"]
+               "mezo-ref", "mezo-pkg", "full-zo-central", "full-zo-inplace", "full-mezo-ref", "full-mezo-pkg"]
 MEZO_PACKAGE_CONFIGS = ("mezo-pkg", "full-mezo-pkg")
 # PyPI mezo is optional (`pip install --no-deps mezo==0.0.1`): without it its rows are left out by default.
 DEFAULT_CONFIGS = [
@@ -305,6 +312,10 @@ def write_report(configs: Dict[str, SpeedConfig], args: argparse.Namespace, work
         ["hybridzo / PyPI mezo, adapters", _ratio(configs, "zo-central", "mezo-pkg"), ""],
         ["hybridzo / MeZO reference loop, full model", _ratio(configs, "full-zo-central", "full-mezo-ref"), ""],
         ["hybridzo / PyPI mezo, full model", _ratio(configs, "full-zo-central", "full-mezo-pkg"), ""],
+        ["hybridzo restore='inplace' / MeZO reference loop, full model",
+         _ratio(configs, "full-zo-inplace", "full-mezo-ref"), ""],
+        ["hybridzo restore='inplace' / 'exact', full model", _ratio(configs, "full-zo-inplace", "full-zo-central"),
+         ""],
         ["ZO-SGD-Cons / ZO-SGD", _ratio(configs, "zo-conservative", "zo-central"),
          f"{zeroflow['zo-sgd-cons'] / zeroflow['zo-sgd']:.2f}"],
         ["FO (AdamW here, SGD in ZeroFlow) / ZO-SGD", _ratio(configs, "fo", "zo-central"),

@@ -21,8 +21,8 @@ from .options import (
     fresh_seed,
     validate_options,
 )
-from .perturbation import DirectionGenerator, mix_seed, perturb_, restore_, snapshot
-from .rules import apply_rule, keeps_state
+from .perturbation import DirectionGenerator, Offset, mix_seed, perturb_, shift_, snapshot
+from .rules import apply_rule, keeps_state, theta_slope, undo_rule_
 
 try:
     from torch.optim.optimizer import ParamsT
@@ -36,13 +36,20 @@ Closure = Callable[[], Any]
 
 @dataclass
 class _ZOTensor:
-    """A ZO parameter with what its direction seeds are derived from."""
+    """A ZO parameter, what its direction seeds derive from, and how it gets back to theta.
+
+    ``anchor`` is the copy of theta for ``restore="exact"`` groups. In-place tensors have
+    none and instead record where they stand: ``offset`` (a probe's ``scale * z(seed)``)
+    or ``trial`` (a candidate move ``(k, differences, direction)`` not yet committed).
+    """
 
     param: Tensor
-    anchor: Tensor
+    anchor: Optional[Tensor]
     group: Dict[str, Any]
     group_index: int
     tensor_index: int
+    offset: Offset = None
+    trial: Optional[Tuple[int, List[float], int]] = None
 
 
 class _NonFiniteLoss(Exception):
@@ -92,9 +99,12 @@ class HybridZOOptimizer(Optimizer):
     4. **Commit**: ZO parameters are set to the chosen candidate and only its
        optimizer state is written; FO groups take their rule's step.
 
-    Every probe starts from a copy of the ZO parameters taken at the start of the
-    step, so the parameters end the step changed by exactly the chosen update, bit
-    for bit, in every dtype (the price is that one copy, for the step's duration).
+    With ``restore="exact"`` every probe starts from a copy of the ZO parameters taken
+    at the start of the step, so the parameters end the step changed by exactly the
+    chosen update, bit for bit, in every dtype (the price is that one copy, for the
+    step's duration). ``restore="inplace"`` keeps no copy: probes move the parameters
+    in place (MeZO's :math:`+\epsilon, -2\epsilon, +\epsilon`) and trial moves are
+    undone by recomputing them, which rounds (a few ulps per probe).
     All closure calls of a step replay the same RNG state (common random numbers:
     identical dropout masks), and the RNG is then left as one call would leave it.
     A NaN or inf loss anywhere abandons the step: parameters and optimizer state
@@ -121,6 +131,9 @@ class HybridZOOptimizer(Optimizer):
         betas: AdamW :math:`(\beta_1, \beta_2)` (default (0.9, 0.999)).
         adam_eps: AdamW denominator epsilon (default 1e-8).
         weight_decay: L2 decay for SGD, decoupled decay for AdamW (default 0).
+        restore: how ZO groups return to :math:`\theta` after probes and trial moves:
+            ``"exact"`` (from a copy, bit for bit) or ``"inplace"`` (no copy, up to
+            rounding) (default ``"exact"``).
         seed: base seed of the perturbation stream (default None: drawn from the OS).
             Per-step seeds derive from it, the group index and the group's step
             count, so a run, and a run resumed from ``state_dict``, is reproducible.
@@ -147,6 +160,7 @@ class HybridZOOptimizer(Optimizer):
         betas: Tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 1e-8,
         weight_decay: float = 0.0,
+        restore: str = "exact",
         seed: Optional[int] = None,
     ) -> None:
         if closure is not None and not callable(closure):
@@ -155,7 +169,8 @@ class HybridZOOptimizer(Optimizer):
             lr=lr, mode=mode, eps=eps, sign=sign, queries=queries, estimator=estimator,
             candidates=candidates, conservative=conservative, rule=rule, momentum=momentum,
             betas=tuple(betas) if isinstance(betas, list) else betas, adam_eps=adam_eps,
-            weight_decay=weight_decay, seed=fresh_seed() if seed is None else seed,
+            weight_decay=weight_decay, restore=restore,
+            seed=fresh_seed() if seed is None else seed,
         )
         validate_options(defaults, "defaults")
         self._closure = closure
@@ -166,6 +181,10 @@ class HybridZOOptimizer(Optimizer):
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
+        # Groups saved before a key existed take the default it was added with.
+        self.defaults.setdefault("restore", "exact")
+        for group in self.param_groups:
+            group.setdefault("restore", "exact")
         # Not state: the closure belongs to the caller's model, the generators are a cache.
         self._closure = None
         self._directions = DirectionGenerator()
@@ -273,6 +292,16 @@ class HybridZOOptimizer(Optimizer):
             raise TypeError(f"Invalid closure: {closure!r} (expected a callable)")
         for i, group in zo_groups:
             check_shared_zo_keys(group, f"param group {i}", (g for _, g in zo_groups))
+            if (
+                group["restore"] == "inplace"
+                and (group["candidates"] > 1 or group["conservative"])
+                and theta_slope(group) == 0
+            ):
+                raise ValueError(
+                    f"Invalid weight_decay in param group {i}: {group['weight_decay']!r} (with lr "
+                    f"{group['lr']!r}, lr * weight_decay = 1 maps every parameter to the same value, "
+                    "so restore='inplace' cannot undo trial moves; use restore='exact')"
+                )
 
         if self._ranks is None:
             # Seeds drawn independently per rank (seed=None) must agree before the first step.
@@ -304,7 +333,7 @@ class HybridZOOptimizer(Optimizer):
                 stashed_grads = [(p, p.grad) for p in fo_params]
                 for p in fo_params:
                     p.grad = None
-                zo_tensors = self._anchor_zo_tensors(zo_groups)
+                zo_tensors = self._zo_tensors(zo_groups)
                 loss_at_theta, info["chosen"] = self._zo_step(
                     closure, rng, zo_tensors, settings, loss_at_theta
                 )
@@ -317,7 +346,7 @@ class HybridZOOptimizer(Optimizer):
             loss_at_theta = bad.value if loss_at_theta is None else loss_at_theta
         except BaseException:
             if zo_tensors:
-                _restore_anchors(zo_tensors)
+                self._return_to_theta(zo_tensors)
             raise
         finally:
             self._restore_grads(stashed_grads)
@@ -400,17 +429,18 @@ class HybridZOOptimizer(Optimizer):
 
         # 4. Commit the chosen ZO move (or none), writing only its state.
         if chosen is None:
-            _restore_anchors(zo_tensors)
+            self._return_to_theta(zo_tensors)
         else:
             k, direction = chosen
             self._write_zo_move(zo_tensors, k, differences[k], direction, commit=True)
         return loss_at_theta, description  # type: ignore[return-value]
 
-    def _anchor_zo_tensors(self, zo_groups: List[Tuple[int, Dict[str, Any]]]) -> List[_ZOTensor]:
-        params = [p for _, g in zo_groups for p in g["params"]]
-        anchors = iter(snapshot(params))
+    def _zo_tensors(self, zo_groups: List[Tuple[int, Dict[str, Any]]]) -> List[_ZOTensor]:
+        """The step's ZO tensors, with anchors copied for ``restore="exact"`` groups only."""
+        exact = [p for _, g in zo_groups if g["restore"] == "exact" for p in g["params"]]
+        anchors = iter(snapshot(exact))
         return [
-            _ZOTensor(p, next(anchors), g, gi, ti)
+            _ZOTensor(p, next(anchors) if g["restore"] == "exact" else None, g, gi, ti)
             for gi, g in zo_groups
             for ti, p in enumerate(g["params"])
         ]
@@ -420,13 +450,31 @@ class HybridZOOptimizer(Optimizer):
         return mix_seed(g["seed"], t.group_index, g["steps"], candidate, query, t.tensor_index)
 
     def _perturb(self, zo_tensors: List[_ZOTensor], candidate: int, query: int, sign: float) -> None:
-        perturb_(
-            [t.param for t in zo_tensors],
-            [t.anchor for t in zo_tensors],
-            [self._seed(t, candidate, query) for t in zo_tensors],
-            [sign * t.group["eps"] for t in zo_tensors],
-            self._directions,
-        )
+        """Set each ZO tensor to ``theta + sign * eps * z``, one ``z`` alive at a time."""
+        for t in zo_tensors:
+            offset = (self._seed(t, candidate, query), sign * t.group["eps"])
+            if t.anchor is not None:
+                perturb_(t.param, t.anchor, *offset, self._directions)
+            else:
+                shift_(t.param, t.offset, offset, self._directions)
+                t.offset = offset
+
+    def _return_to_theta(self, zo_tensors: List[_ZOTensor]) -> None:
+        """Undo every probe and trial move: copy the anchor back, or reverse in place."""
+        for t in zo_tensors:
+            if t.anchor is not None:
+                t.param.copy_(t.anchor)
+                continue
+            if t.offset is not None:
+                shift_(t.param, t.offset, None, self._directions)
+                t.offset = None
+            if t.trial is not None:
+                k, differences, direction = t.trial
+                grad = self._zo_gradient(t, k, differences)
+                if direction < 0:
+                    grad.neg_()
+                undo_rule_(t.param, grad, self._param_state(t.param, t.group, False), t.group)
+                t.trial = None
 
     def _probe_loss(self, closure: Closure, rng: CommonRandomNumbers, phase: str) -> float:
         """One forward-only closure call; backward inside it does nothing."""
@@ -468,7 +516,7 @@ class HybridZOOptimizer(Optimizer):
                 else:
                     row.append(plus - loss_at_theta)  # type: ignore[operator]
             differences.append(row)
-        _restore_anchors(zo_tensors)
+        self._return_to_theta(zo_tensors)
         mean = sum(probe_losses) / len(probe_losses) if probe_losses else None
         return differences, mean
 
@@ -500,16 +548,18 @@ class HybridZOOptimizer(Optimizer):
         direction: int,
         commit: bool,
     ) -> None:
-        """Set each ZO tensor to its rule's step from the anchor along ``direction * estimate``.
+        """Set each ZO tensor to its rule's step from theta along ``direction * estimate``.
 
         With ``commit=False`` optimizer state is only read, so the move can be discarded.
         """
+        self._return_to_theta(zo_tensors)
         for t in zo_tensors:
             grad = self._zo_gradient(t, candidate, differences)
             if direction < 0:
                 grad.neg_()
-            t.param.copy_(t.anchor)
             apply_rule(t.param, grad, self._param_state(t.param, t.group, commit), t.group, commit)
+            if not commit and t.anchor is None:
+                t.trial = (candidate, differences, direction)
 
     # ---------------------------------------------------------- candidates
 
@@ -536,7 +586,7 @@ class HybridZOOptimizer(Optimizer):
                 losses[(k, direction)] = self._probe_loss(
                     closure, rng, f"candidate {_describe((k, direction))}"
                 )
-        _restore_anchors(zo_tensors)
+        self._return_to_theta(zo_tensors)
         preference: List[Optional[Tuple[int, int]]] = []
         for k in range(len(differences)):
             preference += [(k, d) for d in sorted(directions)]
@@ -575,7 +625,7 @@ class HybridZOOptimizer(Optimizer):
 
     def _abandon(self, zo_tensors: List[_ZOTensor], bad: _NonFiniteLoss) -> None:
         if zo_tensors:
-            _restore_anchors(zo_tensors)
+            self._return_to_theta(zo_tensors)
         warnings.warn(
             f"HybridZOOptimizer: non-finite loss ({bad.value}) in {bad.phase}; step skipped, "
             "parameters and optimizer state left unchanged",
@@ -588,11 +638,6 @@ class HybridZOOptimizer(Optimizer):
             group["steps"] += 1
             if skipped:
                 group["nonfinite_steps"] += 1
-
-
-def _restore_anchors(zo_tensors: List[_ZOTensor]) -> None:
-    """Write every ZO tensor's anchor back into it."""
-    restore_([t.param for t in zo_tensors], [t.anchor for t in zo_tensors])
 
 
 def _describe(choice: Optional[Tuple[int, int]]) -> str:

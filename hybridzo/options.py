@@ -26,7 +26,7 @@ __all__ = [
 #: The keyword arguments of the constructor, which are also the group keys.
 HYPERPARAMETERS = (
     "lr", "mode", "eps", "sign", "queries", "estimator", "candidates", "conservative",
-    "rule", "momentum", "betas", "adam_eps", "weight_decay", "seed",
+    "rule", "momentum", "betas", "adam_eps", "weight_decay", "restore", "seed",
 )
 
 #: All ZO groups are probed together along one direction per query, so these
@@ -44,6 +44,7 @@ _MODES = ("zo", "fo")
 _SIGNS = (None, "coordinate", "scalar")
 _ESTIMATORS = ("central", "forward")
 _RULES = ("sgd", "adamw")
+_RESTORES = ("exact", "inplace")
 _SEED_LIMIT = 1 << 63
 
 
@@ -101,6 +102,8 @@ def validate_options(options: Mapping[str, Any], where: str) -> None:
     weight_decay = options["weight_decay"]
     if not _is_real(weight_decay) or not weight_decay >= 0:
         raise _fail("weight_decay", weight_decay, where, "expected a number >= 0")
+    if options["restore"] not in _RESTORES:
+        raise _fail("restore", options["restore"], where, "expected 'exact' or 'inplace'")
     seed = options["seed"]
     if seed is not None and (not _is_int(seed) or not 0 <= seed < _SEED_LIMIT):
         raise _fail("seed", seed, where, "expected None or an int in [0, 2**63)")

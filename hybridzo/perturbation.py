@@ -1,4 +1,4 @@
-"""Seeded perturbation directions, regenerated on demand, and exact restore.
+"""Seeded perturbation directions, regenerated on demand, and restore (exact or in place).
 
 A zeroth-order step needs the same Gaussian direction ``z`` several times: to
 perturb the parameters before each probe and again to build the update. Storing
@@ -14,16 +14,22 @@ back, so the parameters after a step differ from before only by the chosen updat
 bit for bit, in every dtype. The naive MeZO round trip ``+eps, -2 eps, +eps`` rounds
 three times per probe and drifts in fp16/bf16. The price is one copy of the ZO
 parameters for the duration of the step (not of the whole model).
+
+Groups with ``restore="inplace"`` take MeZO's way instead: no copy, and each move
+is undone by regenerating its direction and subtracting it (:func:`shift_`), so
+moving from ``+eps z`` to ``-eps z`` is one ``add_(z, alpha=-2 eps)``. Each undo
+rounds, so the parameters drift from where exact restore would leave them by a
+few ulps per probe: negligible in fp32, visible over many steps in bf16/fp16.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["mix_seed", "DirectionGenerator", "snapshot", "restore_", "perturb_"]
+__all__ = ["mix_seed", "DirectionGenerator", "snapshot", "perturb_", "shift_", "Offset"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -74,19 +80,29 @@ def snapshot(params: Sequence[Tensor]) -> List[Tensor]:
     return [p.detach().clone(memory_format=torch.preserve_format) for p in params]
 
 
-def restore_(params: Sequence[Tensor], anchors: Sequence[Tensor]) -> None:
-    """Write the anchors back into the parameters, bit for bit."""
-    for p, anchor in zip(params, anchors):
-        p.copy_(anchor)
-
-
 def perturb_(
-    params: Sequence[Tensor],
-    anchors: Sequence[Tensor],
-    seeds: Sequence[int],
-    scales: Sequence[float],
-    directions: DirectionGenerator,
+    param: Tensor, anchor: Tensor, seed: int, scale: float, directions: DirectionGenerator
 ) -> None:
-    """Set ``p = anchor + scale * z(seed)`` for each parameter, one ``z`` alive at a time."""
-    for p, anchor, seed, scale in zip(params, anchors, seeds, scales):
-        torch.add(anchor, directions.sample(p, seed), alpha=scale, out=p)
+    """Set ``param = anchor + scale * z(seed)``."""
+    torch.add(anchor, directions.sample(param, seed), alpha=scale, out=param)
+
+
+#: Where an in-place tensor stands relative to its pre-step value: ``(seed, scale)``
+#: for ``theta + scale * z(seed)``, or None for ``theta`` itself.
+Offset = Optional[Tuple[int, float]]
+
+
+def shift_(param: Tensor, current: Offset, target: Offset, directions: DirectionGenerator) -> None:
+    """Move ``param`` in place from ``theta + current`` to ``theta + target``, without a copy of theta.
+
+    Regenerates the directions involved; a change of scale along the same direction
+    costs one draw (MeZO's ``-2 eps``). Exact only up to rounding.
+    """
+    if current is not None and target is not None and current[0] == target[0]:
+        if target[1] != current[1]:
+            param.add_(directions.sample(param, target[0]), alpha=target[1] - current[1])
+        return
+    if current is not None:
+        param.add_(directions.sample(param, current[0]), alpha=-current[1])
+    if target is not None:
+        param.add_(directions.sample(param, target[0]), alpha=target[1])

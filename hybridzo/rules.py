@@ -11,6 +11,11 @@ bit-for-bit the candidate that was evaluated.
 The operations follow ``torch.optim.SGD`` (dampening 0, no Nesterov) and
 ``torch.optim.AdamW`` (no AMSGrad) single-tensor implementations step for step,
 so FO groups match them numerically.
+
+Both rules are affine in the parameter, ``rule(theta) = (1 - lr * weight_decay) * theta
++ rule(0)``, since the moments and the momentum buffer's old part do not depend on
+``theta``; :func:`undo_rule_` uses this to take a trial move back without a copy of
+``theta``.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any, Mapping, MutableMapping, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["sgd_", "adamw_", "apply_rule", "keeps_state"]
+__all__ = ["sgd_", "adamw_", "apply_rule", "undo_rule_", "theta_slope", "keeps_state"]
 
 
 def sgd_(
@@ -138,3 +143,33 @@ def apply_rule(
     else:
         adamw_(param, grad, state, lr=group["lr"], betas=group["betas"],
                adam_eps=group["adam_eps"], weight_decay=group["weight_decay"], commit=commit)
+
+
+def theta_slope(group: Mapping[str, Any]) -> float:
+    """The factor both rules multiply the parameter by: ``1 - lr * weight_decay``."""
+    return 1 - group["lr"] * group["weight_decay"]
+
+
+def undo_rule_(
+    param: Tensor, grad: Tensor, state: Mapping[str, Any], group: Mapping[str, Any]
+) -> None:
+    """Invert ``apply_rule(param, grad, state, group, commit=False)`` in place, up to rounding.
+
+    ``param`` holds the moved value; afterwards it holds the value before the move,
+    ``(moved - rule(0)) / (1 - lr * weight_decay)``. Costs one temporary the size of
+    ``param`` (plus the rule's own temporaries), never a copy of all parameters.
+
+    Raises:
+        ValueError: ``lr * weight_decay == 1``, where the move forgets ``param``.
+    """
+    slope = theta_slope(group)
+    if slope == 0:
+        raise ValueError(
+            f"Invalid weight_decay: {group['weight_decay']!r} (lr * weight_decay = 1 maps every "
+            "parameter to the same value, so restore='inplace' cannot undo a trial move)"
+        )
+    moved_origin = torch.zeros_like(param, memory_format=torch.preserve_format)
+    apply_rule(moved_origin, grad, dict(state), group, commit=False)
+    param.sub_(moved_origin)
+    if slope != 1:
+        param.div_(slope)

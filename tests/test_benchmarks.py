@@ -103,3 +103,27 @@ def test_accuracy_report_only_tabulates_finished_rows(tmp_path: Path) -> None:
     assert lines["Vision w/ ZO"][1] == "not run"
     assert "prompts of seen classes frozen" in out.read_text() and "--report-only" in out.read_text()
     assert json.loads(out.with_suffix(".json").read_text())["rows"]["moe-dual"]["last"] == 12.5
+
+
+def test_memory_keep_from_adds_a_configuration_to_an_earlier_run(
+    smoke_runs: Tuple[Path, Dict[str, Tuple[int, str]]], tmp_path: Path
+) -> None:
+    import json
+
+    out_dir, outcomes = smoke_runs
+    assert outcomes["memory"][0] == 0, outcomes["memory"][1][-3000:]
+    earlier = out_dir / "memory.json"
+    out = tmp_path / "memory.md"
+    common = [sys.executable, "-m", "benchmarks.memory", "--model", "micro", "--configs", "dual-inplace",
+              "--state-model", "", "--keep-from", str(earlier), "--out", str(out)]
+    done = subprocess.run([*common, "--batch", "2"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = out.read_text()
+    assert "| Dual w/ ZO |" in report and "| Dual w/ ZO, restore='inplace' |" in report
+    assert f"Kept from `{earlier.as_posix()}`" in report and "`dual`" in report
+    record = json.loads(out.with_suffix(".json").read_text())
+    assert record["kept_from"]["configs"] == ["dual"]
+    assert record["results"]["dual"] == json.loads(earlier.read_text())["results"]["dual"]
+
+    refused = subprocess.run([*common, "--batch", "4"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "measured with other settings" in refused.stderr

@@ -124,3 +124,33 @@ def test_only_zo_parameters_change_without_fo_gradients(data, tensors_spec):
         if c["mode"] == "fo":
             assert torch.equal(p, b)
         assert torch.isfinite(p).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=shapes,
+    rule=st.sampled_from(["sgd", "adamw"]),
+    momentum=st.sampled_from([0.0, 0.9]),
+    weight_decay=st.sampled_from([0.0, 0.01, 3.0]),
+    with_state=st.booleans(),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_undo_rule_inverts_a_trial_move(shape, rule, momentum, weight_decay, with_state, seed):
+    from hybridzo.rules import apply_rule, undo_rule_
+
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.randn(shape, generator=g, dtype=torch.float64)
+    grad = torch.randn(shape, generator=g, dtype=torch.float64)
+    group = {"rule": rule, "lr": 0.1, "momentum": momentum, "betas": (0.9, 0.999), "adam_eps": 1e-8,
+             "weight_decay": weight_decay}
+    state = {}
+    if with_state:  # one committed step first, so the trial reads existing buffers
+        apply_rule(theta.clone(), torch.randn(shape, generator=g, dtype=torch.float64), state, group, True)
+    saved = copy.deepcopy(state)
+    param = theta.clone()
+    apply_rule(param, grad, state, group, commit=False)
+    undo_rule_(param, grad, state, group)
+    torch.testing.assert_close(param, theta, rtol=1e-12, atol=1e-12)
+    assert state.keys() == saved.keys()
+    for key, value in saved.items():
+        assert torch.equal(state[key], value) if torch.is_tensor(value) else state[key] == value

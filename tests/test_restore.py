@@ -1,9 +1,11 @@
-"""Exact restore, failure handling and the no-extra-buffer promise of plain ZO-SGD."""
+"""Exact and in-place restore, failure handling and the no-extra-buffer promise of plain ZO-SGD."""
 
 import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from hybridzo import HybridZOOptimizer
@@ -131,3 +133,122 @@ def test_non_finite_loss_skips_the_step(bad_call, bad_value):
         warnings.simplefilter("error")
         opt.step(lambda: nn.functional.mse_loss(model(x), y))
     assert not opt.last_step_info["skipped"]
+
+
+# ---------------------------------------------------------------- restore="inplace"
+
+inplace_configs = st.fixed_dictionaries(
+    {
+        "estimator": st.sampled_from(["central", "forward"]),
+        "queries": st.integers(1, 2),
+        "candidates": st.integers(1, 3),
+        "conservative": st.booleans(),
+        "sign": st.sampled_from([None, "coordinate", "scalar"]),
+        "rule": st.sampled_from(["sgd", "adamw"]),
+        "momentum": st.sampled_from([0.0, 0.9]),
+        "weight_decay": st.sampled_from([0.0, 0.1]),
+    }
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(config=inplace_configs, with_fo=st.booleans())
+def test_inplace_follows_the_exact_trajectory_in_fp64(config, with_fo):
+    """Exact restore is the reference: in fp64 the in-place round trips differ from it by rounding only."""
+    runs = []
+    for restore in ("exact", "inplace"):
+        model = small_model(torch.float64)
+        x, y = torch.randn(8, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1)), torch.ones(8, 1)
+        groups = [{"params": model[0].parameters(), "restore": restore, **config}]
+        groups.append({"params": model[2].parameters(), "mode": "fo" if with_fo else "zo",
+                       "restore": restore, **({} if with_fo else config)})
+        opt = HybridZOOptimizer(groups, lr=0.05, eps=1e-3, seed=3)
+        chosen = []
+        for _ in range(4):
+            opt.step(lambda: nn.functional.mse_loss(model(x), y))
+            chosen.append(opt.last_step_info["chosen"])
+        runs.append(([p.detach().clone() for p in model.parameters()], chosen, opt.last_step_info["forwards"]))
+    (exact, exact_chosen, exact_forwards), (inplace, inplace_chosen, inplace_forwards) = runs
+    assert inplace_chosen == exact_chosen and inplace_forwards == exact_forwards
+    for a, b in zip(exact, inplace):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-9)
+
+
+def test_inplace_groups_take_no_copy(monkeypatch):
+    import hybridzo.optimizer as optimizer_module
+
+    copied = []
+    real_snapshot = optimizer_module.snapshot
+    monkeypatch.setattr(optimizer_module, "snapshot", lambda params: copied.append(list(params)) or real_snapshot(params))
+    model = small_model(torch.float32)
+    opt = HybridZOOptimizer(
+        [{"params": model[0].parameters(), "restore": "inplace"}, {"params": model[2].parameters()}],
+        lr=1e-3, conservative=True, seed=0,
+    )
+    x, y = torch.randn(8, 16), torch.randn(8, 1)
+    opt.step(lambda: nn.functional.mse_loss(model(x), y))
+    assert [len(c) for c in copied] == [2]
+    assert all(any(p is q for q in model[2].parameters()) for p in copied[0])
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 0.1)])
+def test_inplace_with_lr_zero_drifts_only_by_rounding(dtype, tolerance):
+    model = small_model(dtype)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.randn(8, 16).to(dtype), torch.randn(8, 1)
+    opt = HybridZOOptimizer(model.parameters(), lr=0.0, eps=1e-3, conservative=True, restore="inplace", seed=0)
+    for _ in range(200):
+        opt.step(lambda: nn.functional.mse_loss(model(x).float(), y))
+    drift = max((p.float() - b.float()).abs().max().item() for p, b in zip(model.parameters(), before))
+    assert drift < tolerance
+    if dtype == torch.bfloat16:
+        assert drift > 0  # which is what restore="exact" exists for (see the 1000-step test above)
+
+
+def test_inplace_exception_in_closure_returns_to_theta():
+    model = small_model(torch.float64)
+    opt = HybridZOOptimizer(
+        [{"params": model[0].parameters(), "rule": "adamw", "restore": "inplace", "weight_decay": 0.1},
+         {"params": model[2].parameters(), "mode": "fo"}],
+        lr=0.1, conservative=True, candidates=2, seed=0,
+    )
+    x, y = torch.randn(8, 16, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+    opt.step(lambda: nn.functional.mse_loss(model(x), y))
+    before = [p.detach().clone() for p in model.parameters()]
+    for fail_at in range(1, 8):  # probes, then each candidate's trial move
+        calls = []
+
+        def closure():
+            calls.append(1)
+            if len(calls) == fail_at + 1:
+                raise Boom("closure failed")
+            return nn.functional.mse_loss(model(x), y)
+
+        with pytest.raises(Boom):
+            opt.step(closure)
+        for p, b in zip(model.parameters(), before):
+            torch.testing.assert_close(p.detach(), b, rtol=0, atol=1e-12)
+
+
+def test_inplace_refuses_a_move_it_could_not_undo():
+    p = nn.Parameter(torch.ones(3))
+    opt = HybridZOOptimizer([p], lr=0.5, weight_decay=2.0, conservative=True, restore="inplace", seed=0)
+    with pytest.raises(ValueError, match=r"Invalid weight_decay in param group 0: 2.0"):
+        opt.step(lambda: (p**2).sum())
+    assert torch.equal(p.detach(), torch.ones(3))
+    opt.param_groups[0]["restore"] = "exact"  # the copy makes the same step possible
+    opt.step(lambda: (p**2).sum())
+
+
+def test_state_dict_saved_before_restore_existed_loads_with_exact_restore():
+    model = small_model(torch.float32)
+    opt = HybridZOOptimizer(model.parameters(), lr=1e-3, seed=0)
+    x, y = torch.randn(8, 16), torch.randn(8, 1)
+    opt.step(lambda: nn.functional.mse_loss(model(x), y))
+    old = opt.state_dict()
+    for group in old["param_groups"]:
+        del group["restore"]
+    resumed = HybridZOOptimizer(model.parameters(), lr=1e-3, seed=0)
+    resumed.load_state_dict(old)
+    assert resumed.param_groups[0]["restore"] == "exact"
+    resumed.step(lambda: nn.functional.mse_loss(model(x), y))

@@ -23,6 +23,7 @@ BAD_VALUES = [
     ("betas", (0.9, 1.0)),
     ("adam_eps", -1.0),
     ("weight_decay", -1.0),
+    ("restore", "copy"),
     ("seed", -1),
     ("seed", 2**63),
     ("seed", 1.5),

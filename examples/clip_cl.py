@@ -211,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     zo.add_argument("--queries", type=int, default=1, help="random directions averaged per ZO estimate")
     zo.add_argument("--estimator", default="central", choices=["central", "forward"],
                     help="finite differences: central (2 forwards per query) or forward (1)")
+    zo.add_argument("--zo-restore", default="exact", choices=["exact", "inplace"],
+                    help="how ZO parameters return after probes: exact (from a copy, bit for bit) or inplace "
+                         "(no copy, MeZO's round trip; for ZO on large parameter sets)")
 
     output = parser.add_argument_group("output")
     output.add_argument("--out", default=None,
@@ -262,6 +265,7 @@ def optim_config_from_args(args: argparse.Namespace) -> OptimConfig:
         estimator=args.estimator,
         candidates=args.candidates,
         conservative=args.conservative,
+        zo_restore=args.zo_restore,
     )
 
 

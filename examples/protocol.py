@@ -142,6 +142,8 @@ class OptimConfig:
         candidates: Candidate directions tried per step by the conservative update; default 1.
         conservative: Keep the lowest-loss point among the current parameters and the candidate updates
             (the conservative ZO of ZeroFlow, the branch/layer paper's default); default ``False``.
+        zo_restore: How ZO groups return to their values after probes: ``"exact"`` (default; from a
+            copy of the ZO parameters) or ``"inplace"`` (no copy, up to rounding).
     """
 
     lr: float = 1e-3
@@ -158,6 +160,7 @@ class OptimConfig:
     estimator: str = "central"
     candidates: int = 1
     conservative: bool = False
+    zo_restore: str = "exact"
 
     def __post_init__(self) -> None:
         if self.zo_branch not in ZO_BRANCHES:
@@ -184,7 +187,8 @@ def placement_rules(config: OptimConfig) -> list[GroupRule]:
         GroupRule(
             branch=BRANCH_PATTERNS[tower],
             layers=config.zo_layers,
-            options={"mode": "zo", "lr": zo_lr, "rule": config.zo_rule, "eps": eps_of[tower], "sign": config.sign},
+            options={"mode": "zo", "lr": zo_lr, "rule": config.zo_rule, "eps": eps_of[tower], "sign": config.sign,
+                     "restore": config.zo_restore},
             name=f"{tower}-zo",
         )
         for tower in config.zo_towers

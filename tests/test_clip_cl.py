@@ -76,7 +76,8 @@ PLACEMENTS = [("none", "all")] + [
 def test_placement_flags_map_to_groups(branch, layers):
     model = small_clip()
     args = clip_cl.parse_args(["--zo-branch", branch, "--zo-layers", layers, "--sign", "coordinate",
-                               "--eps-vision", str(EPS_VISION), "--eps-language", str(EPS_LANGUAGE)])
+                               "--eps-vision", str(EPS_VISION), "--eps-language", str(EPS_LANGUAGE),
+                               "--zo-restore", "inplace"])
     groups = build_groups(model.named_parameters(), clip_cl.optim_config_from_args(args))
     name_of = {id(p): n for n, p in model.named_parameters()}
     names_in = {group["name"]: {name_of[id(p)] for p in group["params"]} for group in groups}
@@ -95,7 +96,8 @@ def test_placement_flags_map_to_groups(branch, layers):
     for tower, eps in (("vision", EPS_VISION), ("language", EPS_LANGUAGE)):
         if f"{tower}-zo" in by_name:
             group = by_name[f"{tower}-zo"]
-            assert (group["mode"], group["eps"], group["sign"]) == ("zo", eps, "coordinate")
+            assert (group["mode"], group["eps"], group["sign"], group["restore"]) == ("zo", eps, "coordinate",
+                                                                                   "inplace")
     if "fo" in by_name:
         assert (by_name["fo"]["mode"], by_name["fo"]["rule"]) == ("fo", "adamw")
 
@@ -111,7 +113,8 @@ def test_mozo_shortcut_and_explicit_overrides():
     assert (config.sign, config.conservative, config.eps_vision) == ("scalar", False, 3e-4)
 
     config = clip_cl.optim_config_from_args(clip_cl.parse_args([]))
-    assert (config.zo_branch, config.sign, config.conservative, config.eps_vision) == ("none", None, False, 1e-3)
+    assert (config.zo_branch, config.sign, config.conservative, config.eps_vision, config.zo_restore) == (
+        "none", None, False, 1e-3, "exact")
 
 
 def test_preset_fills_defaults_and_flags_override():
@@ -154,7 +157,7 @@ def test_run_class_incremental_records_a_consistent_history(classifier_kind):
         config = OptimConfig(zo_branch="dual", zo_layers="hop-odd", sign="coordinate", conservative=True)
     else:
         classifier = LinearHeadClassifier(model, model.visual.output_dim)
-        config = OptimConfig(zo_branch="vision", queries=2)
+        config = OptimConfig(zo_branch="vision", queries=2, zo_restore="inplace")
     source = synthetic_images()
     _, preprocess = make_transforms()
     tasks = [[2, 0], [3, 1]]

@@ -1,5 +1,6 @@
 """Data-parallel training with torch.distributed (gloo, 2 CPU processes)."""
 
+import gc
 import os
 
 import pytest
@@ -60,6 +61,12 @@ def train_rank(rank, init_file, result_dir, freeze_zo):
         scalars.append(opt.last_step_info["scalars_reduced"])
     torch.save({"params": flat(model), "scalars": scalars, "seed": opt.param_groups[0]["seed"]},
                os.path.join(result_dir, f"rank{rank}.pt"))
+    # Tear down in order: no rank leaves while the other still talks to it, and DDP's reducer (which holds
+    # the process group) goes before the group. Otherwise gloo's threads can outlive it and abort the
+    # process at exit on a loaded machine (seen once in CI as SIGABRT after all steps had finished).
+    dist.barrier()
+    del ddp, opt
+    gc.collect()
     dist.destroy_process_group()
 
 

@@ -252,17 +252,15 @@ def plot_table(table: Table, results: Dict[str, Dict[str, Any]], path: Path, pre
     FigureCanvasAgg(figure)
     axes = figure.add_subplot(1, 1, 1)
     others = [name for name in present if name != table.baseline]
+    styles = {name: {"color": color, "linestyle": ("-", "-.")[index % 2]}
+              for index, (name, color) in enumerate(zip(others, _palette(len(others))))}
+    styles[table.baseline] = {"color": "black", "linestyle": "--", "linewidth": 1.8}
     tasks = 0
     for name in present:
         seen = results[name]["seen_acc"]
         tasks = max(tasks, len(seen))
-        if name == table.baseline:
-            style = {"color": "black", "linestyle": "--", "linewidth": 1.8}
-        else:
-            index = others.index(name)
-            style = {"color": _palette(len(others))[index], "linestyle": ("-", "-.")[index % 2]}
         axes.plot(range(1, len(seen) + 1), seen, marker="o", markersize=3, label=ROWS[name].display(preset),
-                  **style)
+                  **styles[name])
     axes.set_xticks(range(1, tasks + 1))
     axes.set_xlabel("task")
     axes.set_ylabel("accuracy on all seen classes (%)")

@@ -469,10 +469,7 @@ class HybridZOOptimizer(Optimizer):
                 shift_(t.param, t.offset, None, self._directions)
                 t.offset = None
             if t.trial is not None:
-                k, differences, direction = t.trial
-                grad = self._zo_gradient(t, k, differences)
-                if direction < 0:
-                    grad.neg_()
+                grad = self._zo_gradient(t, *t.trial)
                 undo_rule_(t.param, grad, self._param_state(t.param, t.group, False), t.group)
                 t.trial = None
 
@@ -520,8 +517,13 @@ class HybridZOOptimizer(Optimizer):
         mean = sum(probe_losses) / len(probe_losses) if probe_losses else None
         return differences, mean
 
-    def _zo_gradient(self, t: _ZOTensor, candidate: int, differences: List[float]) -> Tensor:
-        """Regenerate the directions and build the group's estimate for one tensor."""
+    def _zo_gradient(
+        self, t: _ZOTensor, candidate: int, differences: List[float], direction: int = 1
+    ) -> Tensor:
+        """Regenerate the directions and build the group's estimate for one tensor.
+
+        ``direction=-1`` negates it: the gradient of a conservative candidate's mirrored move.
+        """
         group = t.group
         estimate: Optional[Tensor] = None
         for query, d in enumerate(differences):
@@ -538,6 +540,8 @@ class HybridZOOptimizer(Optimizer):
         assert estimate is not None  # queries >= 1 is validated
         if group["sign"] == "coordinate":
             estimate.sign_()
+        if direction < 0:
+            estimate.neg_()
         return estimate
 
     def _write_zo_move(
@@ -554,9 +558,7 @@ class HybridZOOptimizer(Optimizer):
         """
         self._return_to_theta(zo_tensors)
         for t in zo_tensors:
-            grad = self._zo_gradient(t, candidate, differences)
-            if direction < 0:
-                grad.neg_()
+            grad = self._zo_gradient(t, candidate, differences, direction)
             apply_rule(t.param, grad, self._param_state(t.param, t.group, commit), t.group, commit)
             if not commit and t.anchor is None:
                 t.trial = (candidate, differences, direction)

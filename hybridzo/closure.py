@@ -8,19 +8,34 @@
 * Backward inside the closure: a closure written in the usual torch style calls
   ``loss.backward()`` itself. During the first-order pass that call is observed (so
   the optimizer does not run backward twice); during forward-only probes it is
-  made a no-op, since the probes run without autograd.
+  made a no-op, since the probes run without autograd. Both apply to the thread
+  running the step only: a backward in another thread runs as usual.
+* Losses: each call's loss becomes a Python float (fp64), averaged over data-parallel
+  ranks; a NaN or inf abandons the step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
+import threading
 from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["CommonRandomNumbers", "BackwardCalls", "observe_backward", "skip_backward", "loss_value"]
+from .distributed import RankAgreement
+
+__all__ = [
+    "CommonRandomNumbers",
+    "BackwardCalls",
+    "observe_backward",
+    "skip_backward",
+    "loss_value",
+    "NonFiniteLoss",
+    "ClosureRunner",
+]
 
 
 class CommonRandomNumbers:
@@ -73,40 +88,60 @@ class BackwardCalls:
         self.count = 0
 
 
+# torch.autograd.backward is replaced by a dispatcher while any thread is inside a step;
+# what it does depends on the calling thread's mode, so other threads' backward is untouched.
+_thread = threading.local()
+_lock = threading.Lock()
+_users = 0
+_original_backward: Optional[Callable[..., Any]] = None
+
+
+def _dispatching_backward(*args: Any, **kwargs: Any) -> Any:
+    mode = getattr(_thread, "mode", None)
+    if mode == "skip":
+        return None
+    if mode is not None:
+        mode.count += 1
+    assert _original_backward is not None
+    return _original_backward(*args, **kwargs)
+
+
 @contextlib.contextmanager
-def _replace_autograd_backward(replacement: Callable[..., Any]) -> Iterator[None]:
-    # Tensor.backward looks up torch.autograd.backward at call time, so replacing the
-    # module attribute covers both loss.backward() and torch.autograd.backward(loss).
-    original = torch.autograd.backward
-    torch.autograd.backward = replacement
+def _backward_mode(mode: Any) -> Iterator[None]:
+    global _users, _original_backward
+    with _lock:
+        if _users == 0:
+            # Tensor.backward looks up torch.autograd.backward at call time, so replacing the
+            # module attribute covers loss.backward() and torch.autograd.backward(loss).
+            _original_backward = torch.autograd.backward
+            torch.autograd.backward = _dispatching_backward
+        _users += 1
+    previous = getattr(_thread, "mode", None)
+    _thread.mode = mode
     try:
         yield
     finally:
-        torch.autograd.backward = original
+        _thread.mode = previous
+        with _lock:
+            _users -= 1
+            if _users == 0:
+                if torch.autograd.backward is _dispatching_backward:
+                    torch.autograd.backward = _original_backward
+                _original_backward = None
 
 
 @contextlib.contextmanager
 def observe_backward() -> Iterator[BackwardCalls]:
-    """Run backward as usual, counting the calls."""
+    """Run backward as usual in this thread, counting the calls."""
     calls = BackwardCalls()
-    original = torch.autograd.backward
-
-    def counting_backward(*args: Any, **kwargs: Any) -> Any:
-        calls.count += 1
-        return original(*args, **kwargs)
-
-    with _replace_autograd_backward(counting_backward):
+    with _backward_mode(calls):
         yield calls
 
 
 @contextlib.contextmanager
 def skip_backward() -> Iterator[None]:
-    """Make backward a no-op (forward-only probes keep no graph to go back through)."""
-
-    def no_backward(*args: Any, **kwargs: Any) -> None:
-        return None
-
-    with _replace_autograd_backward(no_backward):
+    """Make backward a no-op in this thread (forward-only probes keep no graph to go back through)."""
+    with _backward_mode("skip"):
         yield
 
 
@@ -133,3 +168,65 @@ def loss_value(loss: Any) -> float:
     if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
         return float(loss)
     raise TypeError(f"closure must return a scalar loss tensor; got {type(loss).__name__}")
+
+
+class NonFiniteLoss(Exception):
+    """A forward returned NaN or inf; the step is abandoned."""
+
+    def __init__(self, value: float, phase: str) -> None:
+        super().__init__(phase)
+        self.value = value
+        self.phase = phase
+
+
+class ClosureRunner:
+    """Calls one step's closure: with common random numbers, counted, losses agreed over ranks.
+
+    Attributes:
+        forwards: closure calls so far.
+        dtype, device: of the first loss the closure returned (float32 on CPU for Python numbers),
+            which is what ``step`` returns its loss as.
+    """
+
+    def __init__(self, closure: Callable[[], Any], rng: CommonRandomNumbers, ranks: RankAgreement) -> None:
+        self.closure = closure
+        self.rng = rng
+        self.ranks = ranks
+        self.forwards = 0
+        self.dtype: torch.dtype = torch.float32
+        self.device = torch.device("cpu")
+
+    def _call(self) -> Any:
+        self.rng.before_call()
+        # Inside an autocast region around step(), autocast caches low-precision copies of the
+        # weights until the region exits; the weights change in place, so drop the stale copies.
+        torch.clear_autocast_cache()
+        raw = self.closure()
+        self.rng.after_call()
+        if self.forwards == 0 and isinstance(raw, Tensor) and raw.is_floating_point():
+            self.dtype, self.device = raw.dtype, raw.device
+        self.forwards += 1
+        return raw
+
+    def with_grad(self) -> Tuple[Any, float, int]:
+        """One call with autograd on; returns ``(raw loss, rank-mean value, backward calls inside)``."""
+        with torch.enable_grad(), observe_backward() as backward_calls:
+            raw = self._call()
+        return raw, self.ranks.mean(loss_value(raw)), backward_calls.count
+
+    def probe(self, phase: str) -> float:
+        """One forward-only call (backward inside it does nothing); its rank-mean loss.
+
+        Raises:
+            NonFiniteLoss: the loss is NaN or inf (on any rank).
+        """
+        with torch.no_grad(), skip_backward():
+            raw = self._call()
+        value = self.ranks.mean(loss_value(raw))
+        if not math.isfinite(value):
+            raise NonFiniteLoss(value, phase)
+        return value
+
+    def as_tensor(self, value: float) -> Tensor:
+        """``value`` as what ``step`` returns: a 0-dim tensor with the first loss's dtype and device."""
+        return torch.tensor(value, dtype=self.dtype, device=self.device)

@@ -1,12 +1,13 @@
-"""Data-parallel ZO steps: identical directions and mean losses on every rank.
+"""Data-parallel and sharded ZO steps: identical directions and mean losses on every rank.
 
 Under ``torch.distributed`` each rank sees its own shard of the batch. For all
 replicas to apply the same ZO update they must (1) draw the same directions, so
-the group seeds and step counters are broadcast from rank 0 once, and (2) use the
-same projected differences and candidate losses, so every loss the optimizer
-compares is replaced by its mean over ranks: one float64 scalar all-reduced per
-forward pass, whatever the model size. FO groups rely on the data-parallel
-wrapper's own gradient all-reduce (DistributedDataParallel), as with any optimizer.
+each group's seed and counters are broadcast from rank 0 before the group's first
+step, and (2) use the same projected differences and candidate losses, so every
+loss the optimizer compares is replaced by its mean over ranks: one float64 scalar
+all-reduced per forward pass, whatever the model size. FO groups rely on the
+data-parallel wrapper's own gradient all-reduce (DistributedDataParallel) or
+reduce-scatter (FSDP2), as with any optimizer.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ class RankAgreement:
     """Averages scalars over the default process group; a no-op in a single process.
 
     Attributes:
-        scalars_reduced: number of scalars all-reduced since the last :meth:`reset_count`.
+        scalars_reduced: number of scalars all-reduced since the optimizer last reset it
+            (at the start of every step).
     """
 
     def __init__(self) -> None:
@@ -56,11 +58,13 @@ class RankAgreement:
         return float(tensor.item()) / self.world_size
 
     def agree_on_seeds(self, param_groups: List[Dict[str, Any]]) -> None:
-        """Copy rank 0's group seeds and step counters to every rank."""
+        """Copy rank 0's seed and counters of each of ``param_groups`` to every rank."""
         if not self.active:
             return
-        values = [v for g in param_groups for v in (g["seed"], g["steps"])]
+        keys = ("seed", "steps", "nonfinite_steps")
+        values = [int(g[key]) for g in param_groups for key in keys]
         tensor = torch.tensor(values, dtype=torch.int64, device=self._device)
         torch.distributed.broadcast(tensor, src=0)
         for i, group in enumerate(param_groups):
-            group["seed"], group["steps"] = int(tensor[2 * i]), int(tensor[2 * i + 1])
+            for j, key in enumerate(keys):
+                group[key] = int(tensor[len(keys) * i + j])

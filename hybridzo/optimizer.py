@@ -2,27 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 import warnings
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, MutableMapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .closure import ClosureRunner, CommonRandomNumbers, NonFiniteLoss
+from .directions import DirectionGenerator
 from .distributed import RankAgreement
-from .closure import CommonRandomNumbers, loss_value, observe_backward, skip_backward
+from .journal import Journal
 from .options import (
     COUNTER_KEYS,
     HYPERPARAMETERS,
+    NEWER_KEYS,
+    check_inplace_undo,
     check_shared_zo_keys,
     check_unknown_keys,
+    cycled_sgd_momentum,
     fresh_seed,
-    validate_options,
+    normalize_counters,
+    normalize_options,
 )
-from .perturbation import DirectionGenerator, Offset, mix_seed, perturb_, shift_, snapshot
-from .rules import apply_rule, keeps_state, theta_slope, undo_rule_
+from .rules import RULES, begin_update, check_state, finish
+from .sharding import flat_view, local_data, local_slice
+from .zo_step import ZOStep
 
 try:
     from torch.optim.optimizer import ParamsT
@@ -32,33 +40,7 @@ except ImportError:  # torch < 2.2
 __all__ = ["HybridZOOptimizer", "ParamsT"]
 
 Closure = Callable[[], Any]
-
-
-@dataclass
-class _ZOTensor:
-    """A ZO parameter, what its direction seeds derive from, and how it gets back to theta.
-
-    ``anchor`` is the copy of theta for ``restore="exact"`` groups. In-place tensors have
-    none and instead record where they stand: ``offset`` (a probe's ``scale * z(seed)``)
-    or ``trial`` (a candidate move ``(k, differences, direction)`` not yet committed).
-    """
-
-    param: Tensor
-    anchor: Optional[Tensor]
-    group: Dict[str, Any]
-    group_index: int
-    tensor_index: int
-    offset: Offset = None
-    trial: Optional[Tuple[int, List[float], int]] = None
-
-
-class _NonFiniteLoss(Exception):
-    """Internal: a probe returned NaN or inf; the step is abandoned."""
-
-    def __init__(self, value: float, phase: str) -> None:
-        super().__init__(phase)
-        self.value = value
-        self.phase = phase
+Group = Dict[str, Any]
 
 
 class HybridZOOptimizer(Optimizer):
@@ -74,9 +56,10 @@ class HybridZOOptimizer(Optimizer):
        :math:`\theta`, which is needed anyway by the forward estimator and by
        conservative selection (without FO groups it is then a no-grad forward).
     2. **ZO probes**: for each candidate :math:`k` and query :math:`i`, draw a
-       Gaussian direction :math:`z_{ki}` from a seed (never stored), perturb every
-       ZO group :math:`g` to :math:`\theta_g \pm \epsilon_g z_{ki,g}` and evaluate
-       the loss without autograd. The projected difference is
+       direction :math:`z_{ki}` from a seed (never stored; Gaussian, or Rademacher
+       with ``distribution="rademacher"``), perturb every ZO group :math:`g` to
+       :math:`\theta_g \pm \epsilon_g z_{ki,g}` and evaluate the loss without
+       autograd. The projected difference is
        :math:`d_{ki} = (f(\theta+\epsilon z) - f(\theta-\epsilon z))/2` (``"central"``)
        or :math:`f(\theta+\epsilon z) - f(\theta)` (``"forward"``), and group
        :math:`g`'s estimate is
@@ -84,9 +67,9 @@ class HybridZOOptimizer(Optimizer):
        .. math:: \hat g_{k,g} = \frac{1}{q}\sum_i \frac{d_{ki}}{\epsilon_g} z_{ki,g},
 
        unbiased for each group's gradient (the other groups' directions are
-       independent). ``sign="scalar"`` replaces :math:`d/\epsilon` by
-       :math:`\operatorname{sign}(d)`; ``sign="coordinate"`` (MoZO) takes the
-       element-wise sign of :math:`\hat g`.
+       independent, and :math:`E[zz^T] = I` for both distributions).
+       ``sign="scalar"`` replaces :math:`d/\epsilon` by :math:`\operatorname{sign}(d)`;
+       ``sign="coordinate"`` (MoZO) takes the element-wise sign of :math:`\hat g`.
     3. **Candidates**: with ``candidates=K > 1`` each of the K estimates gives a
        candidate move :math:`\Delta_k` through the group's rule, computed without
        touching optimizer state, and the candidate with the lowest loss is kept.
@@ -99,17 +82,18 @@ class HybridZOOptimizer(Optimizer):
     4. **Commit**: ZO parameters are set to the chosen candidate and only its
        optimizer state is written; FO groups take their rule's step.
 
-    With ``restore="exact"`` every probe starts from a copy of the ZO parameters taken
-    at the start of the step, so the parameters end the step changed by exactly the
-    chosen update, bit for bit, in every dtype (the price is that one copy, for the
-    step's duration). ``restore="inplace"`` keeps no copy: probes move the parameters
-    in place (MeZO's :math:`+\epsilon, -2\epsilon, +\epsilon`) and trial moves are
-    undone by recomputing them, which rounds (a few ulps per probe).
+    With ``restore="exact"`` every probe is written from a copy of the ZO parameters
+    taken at the start of the step, so the parameters end the step changed by exactly
+    the chosen update, bit for bit, in every dtype (the price is that one copy, for the
+    step's duration). ``restore="inplace"`` keeps no copy: probes move the parameters in
+    place (MeZO's :math:`+\epsilon, -2\epsilon`) and trial moves are undone by
+    recomputing them, which rounds (a few ulps per probe).
     All closure calls of a step replay the same RNG state (common random numbers:
     identical dropout masks), and the RNG is then left as one call would leave it.
     A NaN or inf loss anywhere abandons the step: parameters and optimizer state
     stay as they were, a ``RuntimeWarning`` is issued and the group counter
-    ``nonfinite_steps`` is incremented.
+    ``nonfinite_steps`` is incremented. Any exception raised during a step leaves
+    parameters, gradients, optimizer state and counters as they were before it.
 
     Args:
         params: iterable of parameters or of dicts defining param groups; every
@@ -134,6 +118,9 @@ class HybridZOOptimizer(Optimizer):
         restore: how ZO groups return to :math:`\theta` after probes and trial moves:
             ``"exact"`` (from a copy, bit for bit) or ``"inplace"`` (no copy, up to
             rounding) (default ``"exact"``).
+        distribution: ZO directions, ``"gaussian"`` (:math:`N(0, I)`, MeZO) or
+            ``"rademacher"`` (:math:`\pm 1` entries, SPSA; cheaper to draw) (default
+            ``"gaussian"``).
         seed: base seed of the perturbation stream (default None: drawn from the OS).
             Per-step seeds derive from it, the group index and the group's step
             count, so a run, and a run resumed from ``state_dict``, is reproducible.
@@ -161,35 +148,40 @@ class HybridZOOptimizer(Optimizer):
         adam_eps: float = 1e-8,
         weight_decay: float = 0.0,
         restore: str = "exact",
+        distribution: str = "gaussian",
         seed: Optional[int] = None,
     ) -> None:
         if closure is not None and not callable(closure):
             raise TypeError(f"Invalid closure: {closure!r} (expected a callable or None)")
-        defaults = dict(
+        defaults = normalize_options(dict(
             lr=lr, mode=mode, eps=eps, sign=sign, queries=queries, estimator=estimator,
             candidates=candidates, conservative=conservative, rule=rule, momentum=momentum,
-            betas=tuple(betas) if isinstance(betas, list) else betas, adam_eps=adam_eps,
-            weight_decay=weight_decay, restore=restore,
-            seed=fresh_seed() if seed is None else seed,
-        )
-        validate_options(defaults, "defaults")
+            betas=betas, adam_eps=adam_eps, weight_decay=weight_decay, restore=restore,
+            distribution=distribution, seed=fresh_seed() if seed is None else seed,
+        ), "defaults")
         self._closure = closure
         self._directions = DirectionGenerator()
         self._ranks: Optional[RankAgreement] = None
+        self._agreed_groups: List[Group] = []
         self.last_step_info: Dict[str, Any] = {}
         super().__init__(params, defaults)
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
-        # Groups saved before a key existed take the default it was added with.
-        self.defaults.setdefault("restore", "exact")
-        for group in self.param_groups:
-            group.setdefault("restore", "exact")
-        # Not state: the closure belongs to the caller's model, the generators are a cache.
-        self._closure = None
-        self._directions = DirectionGenerator()
-        self._ranks = None
-        self.last_step_info = {}
+        # Groups saved before a key existed take the value they behaved as.
+        for key, value in NEWER_KEYS.items():
+            self.defaults.setdefault(key, value)
+            for group in self.param_groups:
+                group.setdefault(key, value)
+        # Not state (pickling drops them; load_state_dict keeps them): the closure belongs to
+        # the caller's model, the generators are a cache, seeds are agreed again.
+        self.__dict__.setdefault("_closure", None)
+        self.__dict__.setdefault("_directions", DirectionGenerator())
+        self.__dict__.setdefault("_ranks", None)
+        self.__dict__.setdefault("last_step_info", {})
+        self._agreed_groups = []
+
+    # ---------------------------------------------------------------- entry points
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """Add a param group after validating it like the constructor's arguments.
@@ -209,18 +201,61 @@ class HybridZOOptimizer(Optimizer):
         group = dict(param_group)
         if "seed" in group and group["seed"] is None:
             group["seed"] = fresh_seed()
-        if isinstance(group.get("betas"), list):
-            group["betas"] = tuple(group["betas"])
-        options = {**self.defaults, **{k: group[k] for k in HYPERPARAMETERS if k in group}}
-        validate_options(options, where)
-        check_shared_zo_keys(options, where, self.param_groups)
+        options = normalize_options({**self.defaults, **group}, where)
+        group.update({key: options[key] for key in HYPERPARAMETERS if key in group})
+        group.update(normalize_counters({**dict.fromkeys(COUNTER_KEYS, 0), **group}, where))
+        check_shared_zo_keys(options, where, self._named_groups())
+        check_inplace_undo(options, where)
         self._check_tensors(group, options, where)
-        for key in COUNTER_KEYS:
-            group.setdefault(key, 0)
         super().add_param_group(group)
 
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load a state dict after validating its groups like :meth:`add_param_group` does.
+
+        Raises:
+            ValueError, TypeError: a loaded group with an invalid value, counter or state
+                entry (the message names the group and key); nothing is loaded then.
+        """
+        saved = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if isinstance(saved, list) and len(saved) == len(self.param_groups) and all(
+            isinstance(s, dict) and len(s.get("params", ())) == len(g["params"])
+            for s, g in zip(saved, self.param_groups)
+        ):
+            state_dict = {**state_dict, "param_groups": self._validated_groups(saved, state_dict)}
+        super().load_state_dict(state_dict)  # torch reports mismatched group sizes itself
+
+    def _validated_groups(self, saved: List[Group], state_dict: Dict[str, Any]) -> List[Group]:
+        groups: List[Group] = []
+        param_of: Dict[Any, Tuple[Tensor, Group, str]] = {}
+        for i, (loaded, current) in enumerate(zip(saved, self.param_groups)):
+            where = f"param group {i}"
+            values = {**NEWER_KEYS, **loaded}
+            missing = [key for key in (*HYPERPARAMETERS, *COUNTER_KEYS) if key not in values]
+            if missing:
+                raise ValueError(f"Invalid state_dict: {where} lacks the keys {missing}")
+            if values["seed"] is None:
+                raise ValueError(f"Invalid seed in {where}: None (a saved group keeps its seed)")
+            options = normalize_options(values, where)
+            group = {**values, **options, **normalize_counters(values, where)}
+            check_shared_zo_keys(group, where, [(f"param group {j}", g) for j, g in enumerate(groups)])
+            check_inplace_undo(group, where)
+            self._check_tensors({"params": current["params"]}, group, where)
+            groups.append(group)
+            for position, (key, param) in enumerate(zip(loaded["params"], current["params"])):
+                param_of[key] = (param, group, f"{where}, parameter {position}")
+        for key, entry in state_dict.get("state", {}).items():
+            if key in param_of and isinstance(entry, dict):
+                param, group, where = param_of[key]
+                problem = check_state(entry, param, group)
+                if problem is not None:
+                    raise ValueError(f"Invalid state in {where}: {problem}")
+        return groups
+
+    def _named_groups(self) -> List[Tuple[str, Group]]:
+        return [(f"param group {i}", g) for i, g in enumerate(self.param_groups)]
+
     @staticmethod
-    def _check_tensors(group: Dict[str, Any], options: Dict[str, Any], where: str) -> None:
+    def _check_tensors(group: Group, options: Group, where: str) -> None:
         params = group["params"]
         if isinstance(params, Tensor):
             params = [params]
@@ -231,11 +266,16 @@ class HybridZOOptimizer(Optimizer):
             tensor = item[1] if isinstance(item, tuple) else item
             if not isinstance(tensor, Tensor):
                 continue  # torch's add_param_group reports it
-            if options["mode"] == "zo" and (not tensor.is_floating_point() or tensor.is_complex()):
-                raise TypeError(
-                    f"Invalid params in {where}: ZO groups need real floating-point tensors, "
-                    f"got dtype {tensor.dtype}"
-                )
+            if options["mode"] == "zo":
+                if not tensor.is_floating_point() or tensor.is_complex():
+                    raise TypeError(
+                        f"Invalid params in {where}: ZO groups need real floating-point tensors, "
+                        f"got dtype {tensor.dtype}"
+                    )
+                try:
+                    local_slice(tensor)
+                except ValueError as error:
+                    raise ValueError(f"Invalid params in {where}: {error}") from None
             adam_eps = options["adam_eps"]
             if (
                 options["rule"] == "adamw"
@@ -250,7 +290,7 @@ class HybridZOOptimizer(Optimizer):
                     f"{torch.finfo(tensor.dtype).tiny:.1e}, or keep AdamW weights in bf16/fp32)"
                 )
 
-    # ------------------------------------------------------------------ step
+    # ------------------------------------------------------------------------ step
 
     @torch.no_grad()
     def step(self, closure: Optional[Closure] = None) -> Optional[Tensor]:  # type: ignore[override]
@@ -262,134 +302,166 @@ class HybridZOOptimizer(Optimizer):
                 several times per step with the same RNG state. It need not call
                 backward: the optimizer backpropagates for FO groups. A torch-style
                 closure that calls ``zero_grad()`` and ``backward()`` itself works too;
-                during the forward-only probes its backward does nothing. Without a
-                closure, a step with FO groups only uses the gradients already in
-                ``.grad``, as ``torch.optim`` does.
+                during the forward-only probes its backward does nothing (in the thread
+                running the step only). Without a closure, a step with FO groups only
+                uses the gradients already in ``.grad``, as ``torch.optim`` does.
 
         Returns:
-            The loss at the unperturbed parameters, detached. For the pure-ZO central
-            estimator without candidate selection no forward at :math:`\\theta` is
-            needed, and the mean of the probe losses, equal to it up to
-            :math:`O(\\epsilon^2)`, is returned instead of spending a forward.
-        """
-        closure = closure if closure is not None else self._closure
-        zo_groups = [(i, g) for i, g in enumerate(self.param_groups) if g["mode"] == "zo"]
-        fo_groups = [g for g in self.param_groups if g["mode"] == "fo"]
-        if closure is None:
-            if zo_groups:
-                raise ValueError(
-                    f"Invalid closure: None (param groups {[i for i, _ in zo_groups]} are ZO "
-                    "groups, which need a closure that returns the loss; pass it to step() "
-                    "or to the constructor. torch.amp.GradScaler.step(optimizer) calls step() "
-                    "without a closure and cannot drive ZO groups; use bf16 autocast, which "
-                    "needs no scaler)"
-                )
-            self._commit_first_order(fo_groups)
-            self._advance_counters(skipped=False)
-            self.last_step_info = {"forwards": 0, "backwards": 0, "chosen": None, "skipped": False}
-            return None
-        if not callable(closure):
-            raise TypeError(f"Invalid closure: {closure!r} (expected a callable)")
-        for i, group in zo_groups:
-            check_shared_zo_keys(group, f"param group {i}", (g for _, g in zo_groups))
-            if (
-                group["restore"] == "inplace"
-                and (group["candidates"] > 1 or group["conservative"])
-                and theta_slope(group) == 0
-            ):
-                raise ValueError(
-                    f"Invalid weight_decay in param group {i}: {group['weight_decay']!r} (with lr "
-                    f"{group['lr']!r}, lr * weight_decay = 1 maps every parameter to the same value, "
-                    "so restore='inplace' cannot undo trial moves; use restore='exact')"
-                )
+            The loss at the unperturbed parameters, averaged over data-parallel ranks,
+            as a detached 0-dim tensor with the dtype and device of the closure's loss.
+            For the pure-ZO central estimator without candidate selection (``candidates=1``,
+            not ``conservative``) no forward at :math:`\\theta` is needed, and the mean of
+            the probe losses, equal to it up to :math:`O(\\epsilon^2)`, is returned instead
+            of spending a forward. None without a closure.
 
-        if self._ranks is None:
-            # Seeds drawn independently per rank (seed=None) must agree before the first step.
-            self._ranks = RankAgreement()
-            self._ranks.agree_on_seeds(self.param_groups)
-        self._ranks.scalars_reduced = 0
-        settings = zo_groups[0][1] if zo_groups else None
-        fo_params = [p for g in fo_groups for p in g["params"]]
-        zo_tensors: List[_ZOTensor] = []
-        rng = CommonRandomNumbers(p.device for g in self.param_groups for p in g["params"])
-        self._forwards = 0
-        stashed_grads: List[Tuple[Tensor, Optional[Tensor]]] = []
-        info: Dict[str, Any] = {"chosen": None, "skipped": False}
+        Raises:
+            ValueError: an invalid group value (e.g. written by a scheduler), checked before
+                anything is written.
+            ValueError: ``torch.amp.GradScaler.step`` with a closure or with ZO groups (an
+                FO-only optimizer steps from the scaler's unscaled gradients as torch.optim does).
+            RuntimeError: sparse gradients in an FO group.
+        """
+        closure = self._closure if closure is None else closure
+        if closure is not None and not callable(closure):
+            raise TypeError(f"Invalid closure: {closure!r} (expected a callable)")
+        self._refuse_grad_scaler(closure)
+        if closure is None:
+            return self._step_from_grads()
+        zo_groups, fo_groups = self._prepare_step(closure)
+        runner = ClosureRunner(closure, CommonRandomNumbers(p.device for g in self.param_groups
+                                                            for p in g["params"]), self._agree_across_ranks())
+        journal = Journal(self.state)
+        grads_before = [(p, p.grad) for g in self.param_groups for p in g["params"]]
+        zo = ZOStep(zo_groups, runner, self.state, journal, self._directions) if zo_groups else None
+        loss: Optional[float] = None
+        chosen: Optional[str] = None
+        skipped = False
         try:
-            # 1. FO pass: loss and FO gradients at theta; 2-4. ZO probes, candidates, commit.
-            loss: Optional[Tensor] = None
-            loss_at_theta: Optional[float] = None
-            needs_loss = settings is not None and (
-                settings["estimator"] == "forward" or settings["conservative"]
-            )
             if fo_groups:
-                loss, loss_at_theta = self._first_order_pass(closure, rng, fo_params, zo_groups)
-            elif needs_loss:
-                loss_at_theta = self._probe_loss(closure, rng, "the loss at theta")
-            if loss_at_theta is not None and not math.isfinite(loss_at_theta):
-                raise _NonFiniteLoss(loss_at_theta, "the loss at theta")
-            if zo_groups:
-                # The closure may zero_grad() or backward() during probes; park FO grads.
-                stashed_grads = [(p, p.grad) for p in fo_params]
-                for p in fo_params:
-                    p.grad = None
-                zo_tensors = self._zo_tensors(zo_groups)
-                loss_at_theta, info["chosen"] = self._zo_step(
-                    closure, rng, zo_tensors, settings, loss_at_theta
-                )
-            self._restore_grads(stashed_grads)
-            stashed_grads = []
-            self._commit_first_order(fo_groups)
-        except _NonFiniteLoss as bad:
-            self._abandon(zo_tensors, bad)
-            info["skipped"] = True
-            loss_at_theta = bad.value if loss_at_theta is None else loss_at_theta
+                loss = self._first_order_pass(runner, fo_groups, zo_groups)
+            if zo is not None:
+                with _parked_grads([p for g in fo_groups for p in g["params"]]):
+                    loss, chosen = zo.run(loss)
+            self._commit_first_order(fo_groups, journal)
+        except NonFiniteLoss as bad:
+            if zo is not None:
+                zo.back_to_theta()
+            skipped, loss = True, bad.value if loss is None else loss
+            warnings.warn(f"HybridZOOptimizer: non-finite loss ({bad.value}) in {bad.phase}; step skipped, "
+                          "parameters and optimizer state left unchanged", RuntimeWarning, stacklevel=3)
         except BaseException:
-            if zo_tensors:
-                self._return_to_theta(zo_tensors)
+            journal.rollback()
+            if zo is not None:
+                zo.back_to_theta()
+            for p, grad in grads_before:
+                p.grad = grad
             raise
         finally:
-            self._restore_grads(stashed_grads)
-            rng.finish()
+            runner.rng.finish()
+            if zo is not None:
+                zo.end()
+        self._advance_counters(skipped)
+        self.last_step_info = {
+            "forwards": runner.forwards, "backwards": int(bool(fo_groups)), "chosen": chosen,
+            "skipped": skipped, "loss": loss, "scalars_reduced": runner.ranks.scalars_reduced,
+            "direction_sweeps": zo.direction_sweeps if zo is not None else 0.0,
+        }
+        return runner.as_tensor(loss)  # type: ignore[arg-type]
 
-        self._advance_counters(skipped=info["skipped"])
-        info.update(forwards=self._forwards, backwards=int(bool(fo_groups)), loss=loss_at_theta,
-                    scalars_reduced=self._ranks.scalars_reduced)
-        self.last_step_info = info
-        if loss is not None:
-            return loss
-        return torch.tensor(loss_at_theta) if loss_at_theta is not None else None
+    def _prepare_step(self, closure: Optional[Closure]) -> Tuple[List[Tuple[int, Group]], List[Group]]:
+        """Validate every group (a scheduler may have written it) and what the step will read.
 
-    # ------------------------------------------------------------- FO pass
+        Nothing is written unless everything is valid; then the groups take their
+        normalised values. Returns the ZO groups (with indices) and the FO groups.
+        """
+        normalized: List[Group] = []
+        for i, group in enumerate(self.param_groups):
+            where = f"param group {i}"
+            values = dict(group)
+            cycled = cycled_sgd_momentum(group)
+            if cycled is not None:
+                values["momentum"] = cycled
+            options = normalize_options(values, where)
+            if options["seed"] is None:
+                raise ValueError(f"Invalid seed in {where}: None (groups keep the seed they were given)")
+            options.update(normalize_counters(group, where))
+            check_inplace_undo(options, where)
+            check_shared_zo_keys(options, where, [(f"param group {j}", o) for j, o in enumerate(normalized)])
+            for position, p in enumerate(group["params"]):
+                if options["mode"] == "fo" and p.grad is not None and p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"Invalid gradient in {where}, parameter {position}: HybridZOOptimizer does "
+                        "not support sparse gradients (use a dense embedding, sparse=False)"
+                    )
+                problem = check_state(self.state[p], p, options) if p in self.state else None
+                if problem is not None:
+                    raise ValueError(f"Invalid state in {where}, parameter {position}: {problem}")
+            normalized.append(options)
+        zo_indices = [i for i, options in enumerate(normalized) if options["mode"] == "zo"]
+        if closure is None and zo_indices:
+            raise ValueError(
+                f"Invalid closure: None (param groups {zo_indices} are ZO groups, which need a "
+                "closure that returns the loss; pass it to step() or to the constructor)"
+            )
+        for group, options in zip(self.param_groups, normalized):
+            group.update(options)
+        zo_groups = [(i, self.param_groups[i]) for i in zo_indices]
+        return zo_groups, [g for g in self.param_groups if g["mode"] == "fo"]
 
-    def _first_order_pass(
-        self,
-        closure: Closure,
-        rng: CommonRandomNumbers,
-        fo_params: List[Tensor],
-        zo_groups: List[Tuple[int, Dict[str, Any]]],
-    ) -> Tuple[Tensor, float]:
-        """Run the closure with autograd for FO parameters only, then backward."""
-        for p in fo_params:
-            p.grad = None
+    def _refuse_grad_scaler(self, closure: Optional[Closure]) -> None:
+        """Refuse ``torch.amp.GradScaler.step`` wherever it cannot work exactly.
+
+        The scaler unscales and checks the gradients in ``.grad`` before calling ``step``.
+        That is exact for FO groups stepping from those gradients (no closure), but the FO
+        pass of a closure computes new, scaled gradients after the check, and ZO groups need
+        a closure.
+
+        Raises:
+            ValueError: called by a GradScaler with a closure or with ZO groups.
+        """
+        if not _called_by_grad_scaler():
+            return
+        if closure is None and all(g["mode"] == "fo" for g in self.param_groups):
+            return
+        raise ValueError(
+            "torch.amp.GradScaler cannot drive HybridZOOptimizer "
+            + ("with a closure" if closure is not None else "with ZO groups")
+            + ": the scaler unscales and checks the gradients before step(), but the step computes "
+            "its own (and ZO groups need a closure). Use bf16 autocast, which needs no scaler; an "
+            "optimizer with FO groups only works with scaler.step(optimizer) without a closure."
+        )
+
+    def _agree_across_ranks(self) -> RankAgreement:
+        """The rank agreement of this step: groups used for the first time get rank 0's seeds."""
+        if self._ranks is None:
+            self._ranks = RankAgreement()
+        new = [g for g in self.param_groups if not any(g is a for a in self._agreed_groups)]
+        if new:
+            # Seeds drawn independently per rank (seed=None) must agree before the group's first step.
+            self._ranks.agree_on_seeds(new)
+            self._agreed_groups += new
+        self._ranks.scalars_reduced = 0
+        return self._ranks
+
+    def _first_order_pass(self, runner: ClosureRunner, fo_groups: List[Group],
+                          zo_groups: List[Tuple[int, Group]]) -> float:
+        """Run the closure with autograd for FO parameters only, then backward; the loss at theta."""
+        for g in fo_groups:
+            for p in g["params"]:
+                p.grad = None
         # Excluding ZO parameters from autograd keeps backward (and the activations it
         # saves) to what the FO parameters need.
         excluded = [p for _, g in zo_groups for p in g["params"] if p.requires_grad]
         for p in excluded:
             p.requires_grad_(False)
         try:
-            rng.before_call()
-            torch.clear_autocast_cache()  # see _probe_loss
-            with torch.enable_grad(), observe_backward() as backward_calls:
-                raw = closure()
-            rng.after_call()
+            raw, value, backward_calls = runner.with_grad()
         finally:
             for p in excluded:
                 p.requires_grad_(True)
-        self._forwards += 1
-        value = self._ranks.mean(loss_value(raw))  # type: ignore[union-attr]
-        loss = raw.detach() if isinstance(raw, Tensor) else torch.tensor(value)
-        if backward_calls.count == 0 and math.isfinite(value):
+        if not math.isfinite(value):
+            raise NonFiniteLoss(value, "the loss at theta")
+        if backward_calls == 0:
             if not (isinstance(raw, Tensor) and raw.requires_grad):
                 raise ValueError(
                     "FO param groups need the loss's gradient, but the closure's loss does not "
@@ -398,242 +470,38 @@ class HybridZOOptimizer(Optimizer):
                 )
             with torch.enable_grad():
                 raw.backward()
-        return loss, value
-
-    # ------------------------------------------------------------- ZO step
-
-    def _zo_step(
-        self,
-        closure: Closure,
-        rng: CommonRandomNumbers,
-        zo_tensors: List[_ZOTensor],
-        settings: Dict[str, Any],
-        loss_at_theta: Optional[float],
-    ) -> Tuple[float, Optional[str]]:
-        """Probe, select and commit the ZO move; returns the loss at theta and the choice."""
-        # 2. ZO probes: projected differences d[k][i].
-        differences, probe_mean = self._probe_differences(
-            closure, rng, zo_tensors, settings, loss_at_theta
-        )
-        if loss_at_theta is None:
-            loss_at_theta = probe_mean
-
-        # 3. Candidates.
-        chosen: Optional[Tuple[int, int]] = (0, 1)
-        description = None
-        if settings["candidates"] > 1 or settings["conservative"]:
-            chosen = self._select_candidate(
-                closure, rng, zo_tensors, differences, settings, loss_at_theta
-            )
-            description = _describe(chosen)
-
-        # 4. Commit the chosen ZO move (or none), writing only its state.
-        if chosen is None:
-            self._return_to_theta(zo_tensors)
-        else:
-            k, direction = chosen
-            self._write_zo_move(zo_tensors, k, differences[k], direction, commit=True)
-        return loss_at_theta, description  # type: ignore[return-value]
-
-    def _zo_tensors(self, zo_groups: List[Tuple[int, Dict[str, Any]]]) -> List[_ZOTensor]:
-        """The step's ZO tensors, with anchors copied for ``restore="exact"`` groups only."""
-        exact = [p for _, g in zo_groups if g["restore"] == "exact" for p in g["params"]]
-        anchors = iter(snapshot(exact))
-        return [
-            _ZOTensor(p, next(anchors) if g["restore"] == "exact" else None, g, gi, ti)
-            for gi, g in zo_groups
-            for ti, p in enumerate(g["params"])
-        ]
-
-    def _seed(self, t: _ZOTensor, candidate: int, query: int) -> int:
-        g = t.group
-        return mix_seed(g["seed"], t.group_index, g["steps"], candidate, query, t.tensor_index)
-
-    def _perturb(self, zo_tensors: List[_ZOTensor], candidate: int, query: int, sign: float) -> None:
-        """Set each ZO tensor to ``theta + sign * eps * z``, one ``z`` alive at a time."""
-        for t in zo_tensors:
-            offset = (self._seed(t, candidate, query), sign * t.group["eps"])
-            if t.anchor is not None:
-                perturb_(t.param, t.anchor, *offset, self._directions)
-            else:
-                shift_(t.param, t.offset, offset, self._directions)
-                t.offset = offset
-
-    def _return_to_theta(self, zo_tensors: List[_ZOTensor]) -> None:
-        """Undo every probe and trial move: copy the anchor back, or reverse in place."""
-        for t in zo_tensors:
-            if t.anchor is not None:
-                t.param.copy_(t.anchor)
-                continue
-            if t.offset is not None:
-                shift_(t.param, t.offset, None, self._directions)
-                t.offset = None
-            if t.trial is not None:
-                grad = self._zo_gradient(t, *t.trial)
-                undo_rule_(t.param, grad, self._param_state(t.param, t.group, False), t.group)
-                t.trial = None
-
-    def _probe_loss(self, closure: Closure, rng: CommonRandomNumbers, phase: str) -> float:
-        """One forward-only closure call; backward inside it does nothing."""
-        rng.before_call()
-        # Inside an autocast region around step(), autocast caches low-precision copies of the
-        # weights until the region exits; the weights changed in place, so drop the stale copies.
-        torch.clear_autocast_cache()
-        with torch.no_grad(), skip_backward():
-            raw = closure()
-        rng.after_call()
-        self._forwards += 1
-        value = self._ranks.mean(loss_value(raw))  # type: ignore[union-attr]
-        if not math.isfinite(value):
-            raise _NonFiniteLoss(value, phase)
         return value
 
-    def _probe_differences(
-        self,
-        closure: Closure,
-        rng: CommonRandomNumbers,
-        zo_tensors: List[_ZOTensor],
-        settings: Dict[str, Any],
-        loss_at_theta: Optional[float],
-    ) -> Tuple[List[List[float]], Optional[float]]:
-        """Projected differences ``d[k][i]`` and, for central probes, the mean probe loss."""
-        central = settings["estimator"] == "central"
-        differences: List[List[float]] = []
-        probe_losses: List[float] = []
-        for k in range(settings["candidates"]):
-            row = []
-            for i in range(settings["queries"]):
-                self._perturb(zo_tensors, k, i, +1.0)
-                plus = self._probe_loss(closure, rng, f"probe +eps (candidate {k}, query {i})")
-                if central:
-                    self._perturb(zo_tensors, k, i, -1.0)
-                    minus = self._probe_loss(closure, rng, f"probe -eps (candidate {k}, query {i})")
-                    row.append((plus - minus) / 2)
-                    probe_losses += [plus, minus]
-                else:
-                    row.append(plus - loss_at_theta)  # type: ignore[operator]
-            differences.append(row)
-        self._return_to_theta(zo_tensors)
-        mean = sum(probe_losses) / len(probe_losses) if probe_losses else None
-        return differences, mean
-
-    def _zo_gradient(
-        self, t: _ZOTensor, candidate: int, differences: List[float], direction: int = 1
-    ) -> Tensor:
-        """Regenerate the directions and build the group's estimate for one tensor.
-
-        ``direction=-1`` negates it: the gradient of a conservative candidate's mirrored move.
-        """
-        group = t.group
-        estimate: Optional[Tensor] = None
-        for query, d in enumerate(differences):
-            if group["sign"] == "scalar":
-                coefficient = float((d > 0) - (d < 0))
-            else:
-                coefficient = d / group["eps"]
-            coefficient /= len(differences)
-            z = self._directions.sample(t.param, self._seed(t, candidate, query))
-            if estimate is None:
-                estimate = z.mul_(coefficient)
-            else:
-                estimate.add_(z, alpha=coefficient)
-        assert estimate is not None  # queries >= 1 is validated
-        if group["sign"] == "coordinate":
-            estimate.sign_()
-        if direction < 0:
-            estimate.neg_()
-        return estimate
-
-    def _write_zo_move(
-        self,
-        zo_tensors: List[_ZOTensor],
-        candidate: int,
-        differences: List[float],
-        direction: int,
-        commit: bool,
-    ) -> None:
-        """Set each ZO tensor to its rule's step from theta along ``direction * estimate``.
-
-        With ``commit=False`` optimizer state is only read, so the move can be discarded.
-        """
-        self._return_to_theta(zo_tensors)
-        for t in zo_tensors:
-            grad = self._zo_gradient(t, candidate, differences, direction)
-            apply_rule(t.param, grad, self._param_state(t.param, t.group, commit), t.group, commit)
-            if not commit and t.anchor is None:
-                t.trial = (candidate, differences, direction)
-
-    # ---------------------------------------------------------- candidates
-
-    def _select_candidate(
-        self,
-        closure: Closure,
-        rng: CommonRandomNumbers,
-        zo_tensors: List[_ZOTensor],
-        differences: List[List[float]],
-        settings: Dict[str, Any],
-        loss_at_theta: Optional[float],
-    ) -> Optional[Tuple[int, int]]:
-        """Evaluate candidate moves and return ``(k, direction)`` of the best, None for theta.
-
-        Ties go to the earliest entry of the preference order, which for one
-        conservative candidate is ZO-Bench's: theta + Delta, theta - Delta, theta.
-        """
-        conservative = settings["conservative"]
-        directions = (1, -1) if conservative else (1,)
-        losses: Dict[Optional[Tuple[int, int]], float] = {}
-        for k, row in enumerate(differences):
-            for direction in directions:
-                self._write_zo_move(zo_tensors, k, row, direction, commit=False)
-                losses[(k, direction)] = self._probe_loss(
-                    closure, rng, f"candidate {_describe((k, direction))}"
-                )
-        self._return_to_theta(zo_tensors)
-        preference: List[Optional[Tuple[int, int]]] = []
-        for k in range(len(differences)):
-            preference += [(k, d) for d in sorted(directions)]
-        if conservative:
-            losses[None] = loss_at_theta  # type: ignore[assignment]
-            preference.append(None)
-        best = preference[0]
-        for option in preference[1:]:
-            if losses[option] < losses[best]:
-                best = option
-        return best
-
-    # -------------------------------------------------------------- commit
-
-    def _param_state(self, p: Tensor, group: Dict[str, Any], commit: bool) -> MutableMapping[str, Any]:
-        # Plain SGD keeps no per-parameter buffers, so do not create state entries for it.
-        if p in self.state:
-            return self.state[p]
-        if commit and keeps_state(group):
-            return self.state[p]
-        return {}
-
-    def _commit_first_order(self, fo_groups: List[Dict[str, Any]]) -> None:
+    def _commit_first_order(self, fo_groups: List[Group], journal: Journal) -> None:
         for group in fo_groups:
+            keeps_state = bool(RULES[group["rule"]].buffer_names(group))
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("HybridZOOptimizer does not support sparse gradients")
-                apply_rule(p, p.grad, self._param_state(p, group, True), group, commit=True)
+                param = flat_view(local_data(p))
+                journal.keep_values(param)
+                if keeps_state or p in self.state:
+                    journal.keep_state(p)
+                    state = self.state[p]
+                else:
+                    state = {}  # plain SGD keeps no per-parameter buffers: no state entry
+                update = begin_update(state, p, group, commit=True)
+                update.apply_(param, param, flat_view(local_data(p.grad)))
+                finish(state, update)
 
-    @staticmethod
-    def _restore_grads(stashed: List[Tuple[Tensor, Optional[Tensor]]]) -> None:
-        for p, grad in stashed:
-            p.grad = grad
-
-    def _abandon(self, zo_tensors: List[_ZOTensor], bad: _NonFiniteLoss) -> None:
-        if zo_tensors:
-            self._return_to_theta(zo_tensors)
-        warnings.warn(
-            f"HybridZOOptimizer: non-finite loss ({bad.value}) in {bad.phase}; step skipped, "
-            "parameters and optimizer state left unchanged",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    def _step_from_grads(self) -> None:
+        """A closure-less step: FO groups from the gradients already in ``.grad``."""
+        _, fo_groups = self._prepare_step(None)
+        journal = Journal(self.state)
+        try:
+            self._commit_first_order(fo_groups, journal)
+        except BaseException:
+            journal.rollback()
+            raise
+        self._advance_counters(skipped=False)
+        self.last_step_info = {"forwards": 0, "backwards": 0, "chosen": None, "skipped": False,
+                               "loss": None, "scalars_reduced": 0, "direction_sweeps": 0.0}
+        return None
 
     def _advance_counters(self, skipped: bool) -> None:
         for group in self.param_groups:
@@ -642,8 +510,29 @@ class HybridZOOptimizer(Optimizer):
                 group["nonfinite_steps"] += 1
 
 
-def _describe(choice: Optional[Tuple[int, int]]) -> str:
-    if choice is None:
-        return "theta"
-    k, direction = choice
-    return f"theta{'-' if direction > 0 else '+'}delta[{k}]"
+_GRAD_SCALER_MODULES = ("torch.amp.grad_scaler", "torch.cuda.amp.grad_scaler", "torch.cpu.amp.grad_scaler")
+
+
+def _called_by_grad_scaler(depth: int = 8) -> bool:
+    """Whether a GradScaler method is among the callers of ``step`` (through torch's wrappers)."""
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        frame = frame.f_back  # type: ignore[assignment]
+        if frame is None:
+            return False
+        if frame.f_globals.get("__name__") in _GRAD_SCALER_MODULES:
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def _parked_grads(params: List[Tensor]) -> Iterator[None]:
+    """Keep FO gradients out of reach while the closure runs as a probe (it may zero_grad())."""
+    parked = [(p, p.grad) for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        yield
+    finally:
+        for p, grad in parked:
+            p.grad = grad

@@ -1,8 +1,10 @@
 """Param-group keys of :class:`~hybridzo.HybridZOOptimizer` and their validation.
 
 Every hyperparameter is a per-group key with an optimizer-wide default, as in
-``torch.optim``. Validation runs on the defaults and on every group added, and
-names the group and the key in its message.
+``torch.optim``. Values are validated, and numbers normalised to Python ``int`` /
+``float`` (numpy scalars, ``Fraction`` ...), wherever they enter: the constructor,
+``add_param_group``, ``load_state_dict``, and at the start of every step (a scheduler
+may have written them). Errors name the group and the key.
 """
 
 from __future__ import annotations
@@ -10,24 +12,34 @@ from __future__ import annotations
 import math
 import numbers
 import secrets
-from typing import Any, Iterable, Mapping
+from typing import Any, Dict, Iterable, Mapping, Tuple
+
+from .directions import DISTRIBUTIONS
+from .rules import RULES, theta_slope
 
 __all__ = [
     "HYPERPARAMETERS",
     "SHARED_ZO_KEYS",
     "COUNTER_KEYS",
     "PASSTHROUGH_KEYS",
+    "INPLACE_UNDO_RANGE",
     "fresh_seed",
-    "validate_options",
+    "normalize_options",
+    "normalize_counters",
     "check_unknown_keys",
     "check_shared_zo_keys",
+    "check_inplace_undo",
+    "cycled_sgd_momentum",
 ]
 
 #: The keyword arguments of the constructor, which are also the group keys.
 HYPERPARAMETERS = (
     "lr", "mode", "eps", "sign", "queries", "estimator", "candidates", "conservative",
-    "rule", "momentum", "betas", "adam_eps", "weight_decay", "restore", "seed",
+    "rule", "momentum", "betas", "adam_eps", "weight_decay", "restore", "distribution", "seed",
 )
+
+#: Keys added after 0.1.0, with the value a group saved before they existed behaves as.
+NEWER_KEYS = {"restore": "exact", "distribution": "gaussian"}
 
 #: All ZO groups are probed together along one direction per query, so these
 #: keys describe the whole step and must agree across ZO groups.
@@ -37,13 +49,20 @@ SHARED_ZO_KEYS = ("estimator", "queries", "candidates", "conservative")
 #: ``steps`` drives the perturbation seeds, ``nonfinite_steps`` counts skipped steps.
 COUNTER_KEYS = ("steps", "nonfinite_steps")
 
-#: Keys that other torch code puts in groups (LR schedulers, named parameters).
-PASSTHROUGH_KEYS = ("initial_lr", "name", "param_names")
+#: Keys that other torch code puts in groups: LR schedulers (OneCycleLR, CyclicLR, SWALR),
+#: named parameters.
+PASSTHROUGH_KEYS = (
+    "initial_lr", "max_lr", "min_lr", "max_momentum", "base_momentum", "swa_lr", "name", "param_names",
+)
+
+#: ``restore="inplace"`` undoes trial moves by dividing by ``1 - lr * weight_decay``; with
+#: ``lr * weight_decay`` inside this open interval the division would amplify rounding more
+#: than tenfold (and at 1 it is impossible), so such groups are refused.
+INPLACE_UNDO_RANGE = (0.9, 1.1)
 
 _MODES = ("zo", "fo")
 _SIGNS = (None, "coordinate", "scalar")
 _ESTIMATORS = ("central", "forward")
-_RULES = ("sgd", "adamw")
 _RESTORES = ("exact", "inplace")
 _SEED_LIMIT = 1 << 63
 
@@ -53,60 +72,100 @@ def fresh_seed() -> int:
     return secrets.randbits(63)
 
 
-def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _fail(key: str, value: Any, where: str, expected: str) -> ValueError:
     return ValueError(f"Invalid {key} in {where}: {value!r} ({expected})")
 
 
-def validate_options(options: Mapping[str, Any], where: str) -> None:
-    """Raise ``ValueError`` naming ``where`` and the key for the first invalid value."""
-    lr = options["lr"]
-    if not _is_real(lr) or not lr >= 0 or not math.isfinite(lr):
-        raise _fail("lr", lr, where, "expected a finite number >= 0")
-    if options["mode"] not in _MODES:
-        raise _fail("mode", options["mode"], where, "expected 'zo' or 'fo'")
-    eps = options["eps"]
-    if not _is_real(eps) or not eps > 0 or not math.isfinite(eps):
-        raise _fail("eps", eps, where, "expected a finite number > 0")
-    if options["sign"] not in _SIGNS:
-        raise _fail("sign", options["sign"], where, "expected None, 'coordinate' or 'scalar'")
-    for key in ("queries", "candidates"):
-        if not _is_int(options[key]) or options[key] < 1:
-            raise _fail(key, options[key], where, "expected an int >= 1")
-    if options["estimator"] not in _ESTIMATORS:
-        raise _fail("estimator", options["estimator"], where, "expected 'central' or 'forward'")
-    if not isinstance(options["conservative"], bool):
-        raise _fail("conservative", options["conservative"], where, "expected True or False")
-    if options["rule"] not in _RULES:
-        raise _fail("rule", options["rule"], where, "expected 'sgd' or 'adamw'")
-    momentum = options["momentum"]
-    if not _is_real(momentum) or not 0 <= momentum < 1:
-        raise _fail("momentum", momentum, where, "expected a number in [0, 1)")
-    betas = options["betas"]
+def _real(options: Mapping[str, Any], key: str, where: str, low: float, high: float = math.inf,
+          low_open: bool = False, high_open: bool = True) -> float:
+    """A finite real number in the given range, as a Python float."""
+    value = options[key]
+    expected = (f"expected a finite number in {'(' if low_open else '['}{low:g}, "
+                f"{high:g}{')' if high_open else ']'}")
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise _fail(key, value, where, expected)
+    number = float(value)
     if (
-        not isinstance(betas, (tuple, list))
-        or len(betas) != 2
-        or not all(_is_real(b) and 0 <= b < 1 for b in betas)
+        not math.isfinite(number)
+        or (number <= low if low_open else number < low)
+        or (number >= high if high_open else number > high)
     ):
-        raise _fail("betas", betas, where, "expected two numbers in [0, 1)")
-    adam_eps = options["adam_eps"]
-    if not _is_real(adam_eps) or not adam_eps >= 0:
-        raise _fail("adam_eps", adam_eps, where, "expected a number >= 0")
-    weight_decay = options["weight_decay"]
-    if not _is_real(weight_decay) or not weight_decay >= 0:
-        raise _fail("weight_decay", weight_decay, where, "expected a number >= 0")
-    if options["restore"] not in _RESTORES:
-        raise _fail("restore", options["restore"], where, "expected 'exact' or 'inplace'")
+        raise _fail(key, value, where, expected)
+    return number
+
+
+def _integer(value: Any, key: str, where: str, low: int, high: int, expected: str) -> int:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not low <= int(value) < high:
+        raise _fail(key, value, where, expected)
+    return int(value)
+
+
+def _choice(options: Mapping[str, Any], key: str, where: str, choices: Iterable[Any]) -> Any:
+    value = options[key]
+    choices = tuple(choices)
+    if not any(value is c or (isinstance(value, str) and value == c) for c in choices):
+        raise _fail(key, value, where, "expected " + ", ".join(map(repr, choices)))
+    return value
+
+
+def normalize_options(options: Mapping[str, Any], where: str) -> Dict[str, Any]:
+    """Validate every hyperparameter of ``options`` and return them normalised.
+
+    Numbers become Python ``float``/``int``, ``betas`` a tuple of two floats.
+
+    Raises:
+        ValueError: naming ``where`` and the key of the first invalid value.
+    """
+    betas = options["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise _fail("betas", betas, where, "expected two finite numbers in [0, 1)")
     seed = options["seed"]
-    if seed is not None and (not _is_int(seed) or not 0 <= seed < _SEED_LIMIT):
-        raise _fail("seed", seed, where, "expected None or an int in [0, 2**63)")
+    return {
+        "lr": _real(options, "lr", where, 0),
+        "mode": _choice(options, "mode", where, _MODES),
+        "eps": _real(options, "eps", where, 0, low_open=True),
+        "sign": _choice(options, "sign", where, _SIGNS),
+        "queries": _integer(options["queries"], "queries", where, 1, _SEED_LIMIT, "expected an int >= 1"),
+        "estimator": _choice(options, "estimator", where, _ESTIMATORS),
+        "candidates": _integer(options["candidates"], "candidates", where, 1, _SEED_LIMIT,
+                               "expected an int >= 1"),
+        "conservative": _choice(options, "conservative", where, (True, False)),
+        "rule": _choice(options, "rule", where, tuple(RULES)),
+        "momentum": _real(options, "momentum", where, 0, 1),
+        "betas": tuple(_real({"betas": b}, "betas", where, 0, 1) for b in betas),
+        "adam_eps": _real(options, "adam_eps", where, 0),
+        "weight_decay": _real(options, "weight_decay", where, 0),
+        "restore": _choice(options, "restore", where, _RESTORES),
+        "distribution": _choice(options, "distribution", where, tuple(DISTRIBUTIONS)),
+        "seed": None if seed is None else _integer(seed, "seed", where, 0, _SEED_LIMIT,
+                                                   "expected None or an int in [0, 2**63)"),
+    }
+
+
+def normalize_counters(group: Mapping[str, Any], where: str) -> Dict[str, int]:
+    """The group's counters as non-negative Python ints.
+
+    Raises:
+        ValueError: a counter that is not a non-negative integer.
+    """
+    return {
+        key: _integer(group[key], key, where, 0, _SEED_LIMIT, "expected a non-negative int")
+        for key in COUNTER_KEYS
+    }
+
+
+def cycled_sgd_momentum(group: Mapping[str, Any]) -> Any:
+    """The momentum a momentum-cycling scheduler set for this SGD-rule group, or None.
+
+    OneCycleLR and CyclicLR (``cycle_momentum=True``) write ``betas[0]`` of every group when the
+    optimizer's defaults have ``betas``, as this optimizer's do, and mark the groups with
+    ``max_momentum``. For an SGD-rule group that value is its momentum, as it would be under
+    ``torch.optim.SGD``.
+    """
+    betas = group.get("betas")
+    if group.get("rule") != "sgd" or "max_momentum" not in group or not isinstance(betas, (tuple, list)):
+        return None
+    return betas[0] if betas else None
 
 
 def check_unknown_keys(group: Mapping[str, Any], where: str) -> None:
@@ -120,19 +179,46 @@ def check_unknown_keys(group: Mapping[str, Any], where: str) -> None:
 
 
 def check_shared_zo_keys(
-    new_group: Mapping[str, Any], where: str, groups: Iterable[Mapping[str, Any]]
+    new_group: Mapping[str, Any], where: str, groups: Iterable[Tuple[str, Mapping[str, Any]]]
 ) -> None:
-    """A new ZO group must use the same step-wide ZO settings as the existing ZO groups."""
+    """A ZO group must use the same step-wide ZO settings as the other ZO groups.
+
+    Args:
+        new_group: the group to check.
+        where: its name in messages.
+        groups: ``(name, group)`` pairs of the groups to compare with.
+    """
     if new_group["mode"] != "zo":
         return
-    for index, group in enumerate(groups):
+    for name, group in groups:
         if group["mode"] != "zo":
             continue
         for key in SHARED_ZO_KEYS:
             if group[key] != new_group[key]:
                 raise ValueError(
                     f"Invalid {key} in {where}: {new_group[key]!r} (ZO groups share one set of "
-                    f"probes per step, so every ZO group must use the same {key}; param group "
-                    f"{index} uses {group[key]!r})"
+                    f"probes per step, so every ZO group must use the same {key}; {name} uses "
+                    f"{group[key]!r})"
                 )
         return
+
+
+def check_inplace_undo(group: Mapping[str, Any], where: str) -> None:
+    """Refuse an in-place ZO group whose trial moves could not be undone accurately.
+
+    Raises:
+        ValueError: ``restore="inplace"`` with candidates or conservative selection and
+            ``lr * weight_decay`` in :data:`INPLACE_UNDO_RANGE`.
+    """
+    if group["mode"] != "zo" or group["restore"] != "inplace":
+        return
+    if group["candidates"] == 1 and not group["conservative"]:
+        return
+    low, high = INPLACE_UNDO_RANGE
+    if low < group["lr"] * group["weight_decay"] < high:
+        raise ValueError(
+            f"Invalid weight_decay in {where}: {group['weight_decay']!r} (with lr {group['lr']!r}, "
+            f"lr * weight_decay lies in ({low}, {high}): restore='inplace' undoes trial moves by "
+            f"dividing by 1 - lr * weight_decay = {theta_slope(group):.3g}, which loses the parameter's "
+            "value; use restore='exact')"
+        )

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hybridzo import HybridZOOptimizer
-from hybridzo.perturbation import DirectionGenerator
+from hybridzo.directions import DISTRIBUTIONS, DirectionGenerator
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 shapes = st.lists(st.integers(1, 5), min_size=0, max_size=3).map(tuple)
@@ -96,17 +96,23 @@ def test_same_seed_is_reproducible_and_state_dict_round_trips(data, tensors_spec
 
 
 @settings(max_examples=40, deadline=None)
-@given(shape=shapes, dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**63 - 1))
-def test_directions_regenerate_identically_and_leave_the_global_rng_alone(shape, dtype, seed):
-    like = torch.empty(shape, dtype=dtype)
+@given(length=st.integers(1, 300), dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**63 - 1),
+       distribution=st.sampled_from(sorted(DISTRIBUTIONS)))
+def test_directions_regenerate_identically_and_leave_the_global_rng_alone(length, dtype, seed, distribution):
+    kind = DISTRIBUTIONS[distribution]
+
+    def draw(seed_, chunk=0):
+        out = torch.empty(kind.padded_length(length), dtype=dtype)
+        return DirectionGenerator().fill_(out, seed_, chunk, length, kind).clone()
+
     state = torch.get_rng_state()
-    first = DirectionGenerator().sample(like, seed)
-    second = DirectionGenerator().sample(like, seed)
+    first, second = draw(seed), draw(seed)
     assert torch.equal(torch.get_rng_state(), state)
-    assert first.dtype == dtype and first.shape == like.shape
+    assert first.dtype == dtype and first.shape == (length,)
     assert torch.equal(first, second)
-    if like.numel() > 1:
-        assert not torch.equal(first, DirectionGenerator().sample(like, seed ^ 1))
+    if length > 8:
+        assert not torch.equal(first, draw(seed ^ 1))
+        assert not torch.equal(first, draw(seed, chunk=1))
 
 
 @settings(max_examples=30, deadline=None)
@@ -136,7 +142,7 @@ def test_only_zo_parameters_change_without_fo_gradients(data, tensors_spec):
     seed=st.integers(0, 2**32 - 1),
 )
 def test_undo_rule_inverts_a_trial_move(shape, rule, momentum, weight_decay, with_state, seed):
-    from hybridzo.rules import apply_rule, undo_rule_
+    from hybridzo.rules import begin_update, finish
 
     g = torch.Generator().manual_seed(seed)
     theta = torch.randn(shape, generator=g, dtype=torch.float64)
@@ -145,12 +151,16 @@ def test_undo_rule_inverts_a_trial_move(shape, rule, momentum, weight_decay, wit
              "weight_decay": weight_decay}
     state = {}
     if with_state:  # one committed step first, so the trial reads existing buffers
-        apply_rule(theta.clone(), torch.randn(shape, generator=g, dtype=torch.float64), state, group, True)
+        first = begin_update(state, theta, group, commit=True)
+        first.apply_(theta.clone().view(-1), theta.view(-1).clone(),
+                     torch.randn(shape, generator=g, dtype=torch.float64).view(-1))
+        finish(state, first)
     saved = copy.deepcopy(state)
-    param = theta.clone()
-    apply_rule(param, grad, state, group, commit=False)
-    undo_rule_(param, grad, state, group)
-    torch.testing.assert_close(param, theta, rtol=1e-12, atol=1e-12)
+    param = theta.clone().view(-1)
+    trial = begin_update(state, theta, group, commit=False)
+    trial.apply_(param, param, grad.view(-1))
+    trial.undo_(param, grad.view(-1))
+    torch.testing.assert_close(param.view(shape), theta, rtol=1e-12, atol=1e-12)
     assert state.keys() == saved.keys()
     for key, value in saved.items():
         assert torch.equal(state[key], value) if torch.is_tensor(value) else state[key] == value

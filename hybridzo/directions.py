@@ -1,0 +1,162 @@
+"""Random perturbation directions, regenerated from integer seeds in fixed-size chunks.
+
+A zeroth-order step needs the same direction ``z`` several times (to perturb the
+parameters before each probe and again to build the update). Storing ``z`` would cost
+a copy of every ZO parameter, so it is regenerated instead, from a seed derived from
+``(group seed, group index, step, candidate, query, tensor index)``.
+
+Each tensor's direction is defined over its flattened index space, cut into chunks of
+:func:`chunk_elements` entries; chunk ``c`` is drawn from a private generator seeded
+with ``mix_seed(tensor seed, c)``. So a process that holds only a slice of a tensor
+(a shard under FSDP2) draws only the chunks that cover its slice, and the union over
+processes is exactly the direction one process draws for the whole tensor, whatever
+the number of processes. Chunks also bound the scratch memory of a step: one chunk,
+never a tensor-sized temporary.
+
+Two distributions, both with ``E[z z^T] = I`` (so the ZO estimators stay unbiased):
+
+* :class:`Gaussian` (``"gaussian"``, the default): ``z ~ N(0, I)``, as MeZO.
+* :class:`Rademacher` (``"rademacher"``): entries ``+1``/``-1`` with equal probability,
+  as classic SPSA; built from random bits (32 entries per 32-bit draw), so it costs a
+  fraction of a Gaussian draw.
+
+Regenerating with the same seed gives the same values on the same kind of device, for
+any dtype, and never touches the user's global RNG streams.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "mix_seed",
+    "chunk_elements",
+    "Distribution",
+    "Gaussian",
+    "Rademacher",
+    "DISTRIBUTIONS",
+    "DirectionGenerator",
+]
+
+_MASK64 = (1 << 64) - 1
+
+#: Chunk size in entries per device type: large enough that the per-chunk cost (reseeding,
+#: launching a kernel) is negligible, small enough to bound scratch memory and the entries a
+#: shard draws beyond its own slice. Part of the direction stream: changing it changes z.
+_CHUNK_ELEMENTS = {"cpu": 1 << 20}
+_DEFAULT_CHUNK_ELEMENTS = 1 << 22
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def mix_seed(*words: int) -> int:
+    """Hash non-negative integers into one 63-bit seed (SplitMix64 over each word).
+
+    Deterministic across platforms and Python versions (unlike ``hash``), and
+    sensitive to the order of the words.
+    """
+    state = 0
+    for word in words:
+        state = _splitmix64(state ^ (int(word) & _MASK64))
+    return state >> 1
+
+
+def chunk_elements(device: torch.device) -> int:
+    """Entries per direction chunk on ``device`` (2**20 on CPU, 2**22 elsewhere)."""
+    return _CHUNK_ELEMENTS.get(device.type, _DEFAULT_CHUNK_ELEMENTS)
+
+
+class Distribution:
+    """How a chunk of direction entries is drawn from a seeded generator."""
+
+    name = ""
+
+    def padded_length(self, length: int) -> int:
+        """Scratch entries :meth:`fill_` writes to produce ``length`` entries."""
+        return length
+
+    def fill_(self, out: Tensor, length: int, generator: torch.Generator) -> Tensor:
+        """Draw ``length`` entries into ``out`` (at least :meth:`padded_length` long); return them."""
+        raise NotImplementedError
+
+
+class Gaussian(Distribution):
+    """Standard normal entries (MeZO's directions)."""
+
+    name = "gaussian"
+
+    def fill_(self, out: Tensor, length: int, generator: torch.Generator) -> Tensor:
+        return out[:length].normal_(generator=generator)
+
+
+class Rademacher(Distribution):
+    """``+1``/``-1`` entries with equal probability, 32 per random 32-bit word.
+
+    The words' bytes index a table of the 256 sign patterns of 8 entries, so a chunk costs
+    one draw per 32 entries and one gather, instead of one draw and a Box-Muller transform per
+    entry. (The byte order of the words makes the stream platform-specific, as are the
+    generators themselves.)
+    """
+
+    name = "rademacher"
+
+    def __init__(self) -> None:
+        self._tables: Dict[Tuple[torch.dtype, torch.device], Tensor] = {}
+
+    def padded_length(self, length: int) -> int:
+        return -(-length // 32) * 32
+
+    def _table(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        table = self._tables.get((dtype, device))
+        if table is None:
+            bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+            table = (bits * 2 - 1).to(dtype=dtype, device=device)
+            self._tables[(dtype, device)] = table
+        return table
+
+    def fill_(self, out: Tensor, length: int, generator: torch.Generator) -> Tensor:
+        padded = self.padded_length(length)
+        words = torch.empty(padded // 32, dtype=torch.int32, device=out.device)
+        words.random_(-(2**31), 2**31, generator=generator)
+        table = self._table(out.dtype, out.device)
+        torch.index_select(table, 0, words.view(torch.uint8).int(), out=out[:padded].view(-1, 8))
+        return out[:length]
+
+
+DISTRIBUTIONS: Dict[str, Distribution] = {d.name: d for d in (Gaussian(), Rademacher())}
+"""The values of the ``distribution`` group key."""
+
+
+class DirectionGenerator:
+    """Draws chunks of directions from integer seeds with one private generator per device.
+
+    The generators are reseeded before every draw, so a chunk depends only on
+    ``(seed, chunk index, length, distribution, dtype, device type)``. They are a cache,
+    not state: they are rebuilt after pickling.
+    """
+
+    def __init__(self) -> None:
+        self._generators: Dict[torch.device, torch.Generator] = {}
+
+    def fill_(
+        self, out: Tensor, seed: int, chunk: int, length: int, distribution: Distribution
+    ) -> Tensor:
+        """Draw chunk ``chunk`` (``length`` entries) of the direction seeded by ``seed`` into ``out``.
+
+        ``out`` must hold ``distribution.padded_length(length)`` entries; returns the
+        ``length`` drawn entries (a view of ``out``).
+        """
+        generator = self._generators.get(out.device)
+        if generator is None:
+            generator = torch.Generator(device=out.device)
+            self._generators[out.device] = generator
+        generator.manual_seed(mix_seed(seed, chunk))
+        return distribution.fill_(out, length, generator)

@@ -1,0 +1,143 @@
+"""The part of a parameter this process holds, as a flat view, and where it sits in the whole.
+
+Plain tensors are held whole. FSDP2 (``torch.distributed.fsdp.fully_shard``) turns
+parameters into DTensors sharded on dim 0: each process holds a block of rows, which
+is a contiguous range of the tensor's flattened (row-major) index space. Update rules
+are elementwise, so they run on the local data of parameter, gradient and state alike;
+ZO directions are drawn for the global index range of the local rows
+(:mod:`hybridzo.directions`), so a sharded run draws exactly the directions an
+unsharded one does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["LocalSlice", "Span", "local_data", "flat_view", "is_sharded", "local_slice"]
+
+
+def _dtensor_type() -> Optional[type]:
+    if not torch.distributed.is_available():
+        return None
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch < 2.4
+        return None
+    return DTensor
+
+
+_DTensor = _dtensor_type()
+
+
+def is_sharded(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (FSDP2 parameter, gradient or state)."""
+    return _DTensor is not None and isinstance(tensor, _DTensor)
+
+
+def local_data(tensor: Tensor) -> Tensor:
+    """The data this process holds: the local shard of a DTensor, else the tensor itself."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def flat_view(tensor: Tensor) -> Tensor:
+    """A 1-D view of a dense tensor in memory order (real entries for complex tensors).
+
+    Raises:
+        ValueError: the tensor's memory is not dense (overlapping or with gaps).
+    """
+    if tensor.is_complex():
+        tensor = torch.view_as_real(tensor)
+    if tensor.is_contiguous():
+        return tensor.view(-1)
+    # A permuted dense layout (e.g. channels_last): order dims by stride, then it is contiguous.
+    order = sorted(range(tensor.dim()), key=lambda d: tensor.stride(d), reverse=True)
+    permuted = tensor.permute(order)
+    if not permuted.is_contiguous():
+        raise ValueError(
+            f"a tensor of shape {tuple(tensor.shape)} with strides {tensor.stride()} is not dense "
+            "in memory, so it has no flat view to update in place"
+        )
+    return permuted.view(-1)
+
+
+@dataclass(frozen=True)
+class Span:
+    """Where chunk ``chunk`` of a direction meets this process's slice.
+
+    Attributes:
+        chunk: index of the chunk in the tensor's flattened index space.
+        length: entries in the whole chunk (the last chunk may be short).
+        lo, hi: the entries of the chunk that fall in the slice (``[lo, hi)`` within the chunk).
+        local_lo, local_hi: the same entries as positions in the local flat view.
+    """
+
+    chunk: int
+    length: int
+    lo: int
+    hi: int
+    local_lo: int
+    local_hi: int
+
+
+@dataclass
+class LocalSlice:
+    """A parameter's local flat data and its place in the global flattened index space.
+
+    Attributes:
+        param: the parameter (a plain tensor or a DTensor).
+        flat: 1-D view of the local data.
+        start: global flat index of ``flat[0]``.
+        numel: entries of the whole (global) tensor.
+    """
+
+    param: Tensor
+    flat: Tensor
+    start: int
+    numel: int
+
+    def spans(self, chunk_size: int) -> List[Span]:
+        """The chunks of size ``chunk_size`` that overlap ``[start, start + len(flat))``."""
+        end = self.start + self.flat.numel()
+        spans = []
+        for chunk in range(self.start // chunk_size, -(-end // chunk_size)):
+            first = chunk * chunk_size
+            length = min(chunk_size, self.numel - first)
+            lo, hi = max(self.start, first) - first, min(end, first + length) - first
+            spans.append(Span(chunk, length, lo, hi, first + lo - self.start, first + hi - self.start))
+        return spans
+
+
+def local_slice(param: Tensor) -> LocalSlice:
+    """The :class:`LocalSlice` of a plain tensor or of a DTensor sharded on dim 0 (or replicated).
+
+    Raises:
+        ValueError: a DTensor sharded on a dim other than 0, or sharded on dim 0 more than once
+            (its local entries are then not one contiguous range of the flattened tensor).
+    """
+    if not is_sharded(param):
+        return LocalSlice(param, flat_view(param.detach()), 0, param.numel())
+    from torch.distributed.tensor import Replicate, Shard
+
+    shard_dims = [p.dim for p in param.placements if isinstance(p, Shard)]
+    others = [p for p in param.placements if not isinstance(p, (Shard, Replicate))]
+    if others or any(d != 0 for d in shard_dims) or len(shard_dims) > 1:
+        raise ValueError(
+            f"ZO groups need parameters sharded on dim 0 only (FSDP2's default), got placements "
+            f"{tuple(param.placements)}; a local shard along another dim is not a contiguous range of "
+            "the flattened parameter"
+        )
+    local = param.to_local()
+    if not local.is_contiguous():
+        raise ValueError(f"the local shard of a parameter of shape {tuple(param.shape)} is not contiguous")
+    start = 0
+    if shard_dims and local.numel() > 0:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+        start = offset[0] * math.prod(param.shape[1:])
+    return LocalSlice(param, local.detach().view(-1), start, param.numel())

@@ -88,3 +88,70 @@ def test_two_ranks_stay_identical_and_match_one_process(tmp_path, freeze_zo):
         opt.step(lambda: nn.functional.mse_loss(model(x), y))
     torch.testing.assert_close(ranks[0]["params"], flat(model), rtol=1e-3, atol=1e-4)
     assert not torch.equal(flat(make_model()), flat(model))  # and it did train
+
+
+# A ZO group added after the first step: its seed and counters must agree across ranks too.
+LATE_SEEDS = {"seed given": 1234, "seed None": None, "seed inherited": "omitted"}
+LATE_STEPS = 4
+
+
+def late_group_rank(rank, init_file, result_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    results = {}
+    for name, seed in LATE_SEEDS.items():
+        model = make_model()
+        for p in [*model[0].parameters(), *model[2].parameters()]:
+            p.requires_grad_(False)  # ZO now or later; frozen, DDP does not wait for their gradients
+        ddp = DDP(model)
+        # seed=None: each rank draws its own default seed, which a group added later inherits when it names none
+        opt = HybridZOOptimizer(
+            [{"params": model[0].parameters(), "mode": "zo"}, {"params": model[4].parameters(), "mode": "fo", "rule": "adamw"}],
+            lr=1e-2, conservative=True, seed=None,
+        )
+        data = batches()
+        x, y = data[0]
+        opt.step(lambda: nn.functional.mse_loss(ddp(x.chunk(WORLD)[rank]), y.chunk(WORLD)[rank]))
+        late = {"params": model[2].parameters(), "mode": "zo", "momentum": 0.9}
+        if seed != "omitted":
+            late["seed"] = seed
+        opt.add_param_group(late)
+        for x, y in data[1:1 + LATE_STEPS]:
+            xs, ys = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+            opt.step(lambda: nn.functional.mse_loss(ddp(xs), ys))
+        results[name] = {
+            "params": flat(model),
+            "late_params": torch.cat([p.detach().flatten() for p in model[2].parameters()]),
+            "seeds": [g["seed"] for g in opt.param_groups],
+            "counters": [(g["steps"], g["nonfinite_steps"]) for g in opt.param_groups],
+        }
+        dist.barrier()
+        del ddp, opt
+        gc.collect()
+    torch.save(results, os.path.join(result_dir, f"late{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def late_group_runs(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("late_group")
+    mp.spawn(late_group_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    return [torch.load(tmp_path / f"late{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def check_late_group(runs, name):
+    first, second = runs[0][name], runs[1][name]
+    assert torch.equal(first["params"], second["params"])  # bit-identical replicas
+    assert first["seeds"] == second["seeds"]
+    assert first["counters"] == second["counters"] == [(1 + LATE_STEPS, 0)] * 2 + [(LATE_STEPS, 0)]
+    initial = torch.cat([p.detach().flatten() for p in make_model()[2].parameters()])
+    assert not torch.equal(first["late_params"], initial)  # the added group did train
+
+
+@pytest.mark.parametrize("name", ["seed None", "seed inherited"])
+def test_zo_group_added_after_the_first_step_agrees_across_ranks(late_group_runs, name):
+    check_late_group(late_group_runs, name)
+
+
+def test_zo_group_added_after_the_first_step_with_a_given_seed_still_agrees_across_ranks(late_group_runs):
+    check_late_group(late_group_runs, "seed given")

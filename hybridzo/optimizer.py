@@ -23,7 +23,7 @@ from .options import (
     check_inplace_undo,
     check_shared_zo_keys,
     check_unknown_keys,
-    cycled_sgd_momentum,
+    ParamGroup,
     fresh_seed,
     normalize_counters,
     normalize_options,
@@ -168,6 +168,7 @@ class HybridZOOptimizer(Optimizer):
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.param_groups = [g if isinstance(g, ParamGroup) else ParamGroup(g) for g in self.param_groups]
         # Groups saved before a key existed take the value they behaved as.
         for key, value in NEWER_KEYS.items():
             self.defaults.setdefault(key, value)
@@ -207,7 +208,7 @@ class HybridZOOptimizer(Optimizer):
         check_shared_zo_keys(options, where, self._named_groups())
         check_inplace_undo(options, where)
         self._check_tensors(group, options, where)
-        super().add_param_group(group)
+        super().add_param_group(ParamGroup(group))
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load a state dict after validating its groups like :meth:`add_param_group` does.
@@ -377,22 +378,15 @@ class HybridZOOptimizer(Optimizer):
         normalized: List[Group] = []
         for i, group in enumerate(self.param_groups):
             where = f"param group {i}"
-            values = dict(group)
-            cycled = cycled_sgd_momentum(group)
-            if cycled is not None:
-                values["momentum"] = cycled
-            options = normalize_options(values, where)
+            options = normalize_options(group, where)
             if options["seed"] is None:
                 raise ValueError(f"Invalid seed in {where}: None (groups keep the seed they were given)")
             options.update(normalize_counters(group, where))
             check_inplace_undo(options, where)
             check_shared_zo_keys(options, where, [(f"param group {j}", o) for j, o in enumerate(normalized)])
+            if options["mode"] == "fo" and closure is None:
+                _check_dense_grads(group, where)
             for position, p in enumerate(group["params"]):
-                if options["mode"] == "fo" and p.grad is not None and p.grad.is_sparse:
-                    raise RuntimeError(
-                        f"Invalid gradient in {where}, parameter {position}: HybridZOOptimizer does "
-                        "not support sparse gradients (use a dense embedding, sparse=False)"
-                    )
                 problem = check_state(self.state[p], p, options) if p in self.state else None
                 if problem is not None:
                     raise ValueError(f"Invalid state in {where}, parameter {position}: {problem}")
@@ -470,6 +464,9 @@ class HybridZOOptimizer(Optimizer):
                 )
             with torch.enable_grad():
                 raw.backward()
+        for i, group in enumerate(self.param_groups):
+            if group["mode"] == "fo":
+                _check_dense_grads(group, f"param group {i}")
         return value
 
     def _commit_first_order(self, fo_groups: List[Group], journal: Journal) -> None:
@@ -508,6 +505,16 @@ class HybridZOOptimizer(Optimizer):
             group["steps"] += 1
             if skipped:
                 group["nonfinite_steps"] += 1
+
+
+def _check_dense_grads(group: Group, where: str) -> None:
+    """Refuse sparse FO gradients (before anything is written)."""
+    for position, p in enumerate(group["params"]):
+        if p.grad is not None and p.grad.layout != torch.strided:
+            raise RuntimeError(
+                f"Invalid gradient in {where}, parameter {position}: HybridZOOptimizer does not support "
+                f"sparse gradients ({p.grad.layout}; e.g. use nn.Embedding(sparse=False))"
+            )
 
 
 _GRAD_SCALER_MODULES = ("torch.amp.grad_scaler", "torch.cuda.amp.grad_scaler", "torch.cpu.amp.grad_scaler")

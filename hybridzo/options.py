@@ -29,7 +29,7 @@ __all__ = [
     "check_unknown_keys",
     "check_shared_zo_keys",
     "check_inplace_undo",
-    "cycled_sgd_momentum",
+    "ParamGroup",
 ]
 
 #: The keyword arguments of the constructor, which are also the group keys.
@@ -154,18 +154,21 @@ def normalize_counters(group: Mapping[str, Any], where: str) -> Dict[str, int]:
     }
 
 
-def cycled_sgd_momentum(group: Mapping[str, Any]) -> Any:
-    """The momentum a momentum-cycling scheduler set for this SGD-rule group, or None.
+class ParamGroup(dict):
+    """A param group: a dict whose SGD-rule momentum follows momentum-cycling schedulers.
 
-    OneCycleLR and CyclicLR (``cycle_momentum=True``) write ``betas[0]`` of every group when the
-    optimizer's defaults have ``betas``, as this optimizer's do, and mark the groups with
-    ``max_momentum``. For an SGD-rule group that value is its momentum, as it would be under
-    ``torch.optim.SGD``.
+    OneCycleLR and CyclicLR (``cycle_momentum=True``) cycle ``betas[0]`` of every group when the
+    optimizer's defaults have ``betas``, as this optimizer's do, and mark each group with
+    ``max_momentum``. For an SGD-rule group so marked, that value is its ``momentum``, as it is
+    under ``torch.optim.SGD``: writing ``betas`` (or the mark) sets ``momentum`` too.
     """
-    betas = group.get("betas")
-    if group.get("rule") != "sgd" or "max_momentum" not in group or not isinstance(betas, (tuple, list)):
-        return None
-    return betas[0] if betas else None
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        if key in ("betas", "max_momentum") and self.get("rule") == "sgd" and "max_momentum" in self:
+            betas = self.get("betas")
+            if isinstance(betas, (tuple, list)) and betas:
+                super().__setitem__("momentum", betas[0])
 
 
 def check_unknown_keys(group: Mapping[str, Any], where: str) -> None:

@@ -23,12 +23,13 @@ def make_quadratic(seed=0):
     return a, b, theta0
 
 
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
 @pytest.mark.parametrize("estimator", ["central", "forward"])
-def test_estimator_is_unbiased_on_a_quadratic(estimator):
+def test_estimator_is_unbiased_on_a_quadratic(estimator, distribution):
     a, b, theta0 = make_quadratic()
     true_grad = a @ theta0 + b
     theta = torch.nn.Parameter(theta0.clone())
-    opt = HybridZOOptimizer([theta], lr=1.0, eps=1e-3, estimator=estimator, seed=123)
+    opt = HybridZOOptimizer([theta], lr=1.0, eps=1e-3, estimator=estimator, distribution=distribution, seed=123)
     closure = quadratic(a, b)
     n = 4000
     estimates = torch.empty(n, DIM, dtype=torch.float64)
@@ -155,3 +156,19 @@ def test_forward_passes_per_step(config, with_fo, expected):
     assert opt.last_step_info["backwards"] == int(with_fo)
     # only the FO pass runs with autograd
     assert calls == [with_fo] + [False] * (expected - 1)
+
+
+def test_rademacher_directions_are_signs_drawn_fresh_each_step():
+    theta0 = torch.randn(64, dtype=torch.float64)
+    theta = torch.nn.Parameter(theta0.clone())
+    record = RecordingClosure([theta], lambda params: (params[0] ** 2).sum())
+    opt = HybridZOOptimizer([theta], lr=0.0, eps=1e-3, distribution="rademacher", seed=7)
+    directions = []
+    for _ in range(3):
+        record.reset()
+        opt.step(record)
+        z = (record.seen[0][0] - theta0) / 1e-3
+        torch.testing.assert_close(z.abs(), torch.ones(64, dtype=torch.float64), rtol=0, atol=1e-9)
+        torch.testing.assert_close((record.seen[1][0] - theta0) / 1e-3, -z, rtol=0, atol=1e-9)  # the mirror
+        directions.append(z.sign())
+    assert not torch.equal(directions[0], directions[1]) and not torch.equal(directions[1], directions[2])

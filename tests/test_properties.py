@@ -19,6 +19,7 @@ group_configs = st.fixed_dictionaries(
         "rule": st.sampled_from(["sgd", "adamw"]),
         "momentum": st.sampled_from([0.0, 0.9]),
         "eps": st.sampled_from([1e-4, 1e-3, 1e-2]),
+        "distribution": st.sampled_from(["gaussian", "rademacher"]),
     }
 )
 step_configs = st.fixed_dictionaries(

@@ -24,12 +24,13 @@ def naive_round_trip(params, eps, seed):
             p.data.add_(torch.randn_like(p), alpha=scale)
 
 
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_lr_zero_restores_bit_for_bit_over_1000_steps(dtype):
+def test_lr_zero_restores_bit_for_bit_over_1000_steps(dtype, distribution):
     model = small_model(dtype)
     before = [p.detach().clone() for p in model.parameters()]
     x, y = torch.randn(8, 16).to(dtype), torch.randn(8, 1)
-    opt = HybridZOOptimizer(model.parameters(), lr=0.0, eps=1e-3, seed=0)
+    opt = HybridZOOptimizer(model.parameters(), lr=0.0, eps=1e-3, distribution=distribution, seed=0)
     for _ in range(1000):
         opt.step(lambda: nn.functional.mse_loss(model(x).float(), y))
     for p, b in zip(model.parameters(), before):
@@ -147,6 +148,7 @@ inplace_configs = st.fixed_dictionaries(
         "rule": st.sampled_from(["sgd", "adamw"]),
         "momentum": st.sampled_from([0.0, 0.9]),
         "weight_decay": st.sampled_from([0.0, 0.1]),
+        "distribution": st.sampled_from(["gaussian", "rademacher"]),
     }
 )
 

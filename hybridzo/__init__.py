@@ -9,6 +9,7 @@
 
 from .groups import GroupRule, build_param_groups, describe_groups
 from .optimizer import HybridZOOptimizer, ParamsT
+from .sharding import prepare_fsdp
 
-__all__ = ["HybridZOOptimizer", "ParamsT", "GroupRule", "build_param_groups", "describe_groups"]
+__all__ = ["HybridZOOptimizer", "ParamsT", "GroupRule", "build_param_groups", "describe_groups", "prepare_fsdp"]
 __version__ = "0.1.0"

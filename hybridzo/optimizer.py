@@ -29,7 +29,7 @@ from .options import (
     normalize_options,
 )
 from .rules import RULES, begin_update, check_state, finish
-from .sharding import flat_view, local_data, local_slice
+from .sharding import flat_view, is_prepared, local_data, local_slice
 from .zo_step import ZOStep
 
 try:
@@ -305,7 +305,10 @@ class HybridZOOptimizer(Optimizer):
                 closure that calls ``zero_grad()`` and ``backward()`` itself works too;
                 during the forward-only probes its backward does nothing (in the thread
                 running the step only). Without a closure, a step with FO groups only
-                uses the gradients already in ``.grad``, as ``torch.optim`` does.
+                uses the gradients already in ``.grad``, as ``torch.optim`` does; with ZO
+                groups, no state yet and every ``lr`` 0 (how ``torch.distributed.checkpoint``
+                initialises optimizer state) it only creates the state buffers a first step
+                would, as zeros, and advances nothing.
 
         Returns:
             The loss at the unperturbed parameters, averaged over data-parallel ranks,
@@ -326,9 +329,11 @@ class HybridZOOptimizer(Optimizer):
         if closure is not None and not callable(closure):
             raise TypeError(f"Invalid closure: {closure!r} (expected a callable)")
         self._refuse_grad_scaler(closure)
+        if closure is None and self._is_state_initialization():
+            return self._initialize_state()
         if closure is None:
             return self._step_from_grads()
-        zo_groups, fo_groups = self._prepare_step(closure)
+        zo_groups, fo_groups = self._prepare_step(has_closure=True)
         runner = ClosureRunner(closure, CommonRandomNumbers(p.device for g in self.param_groups
                                                             for p in g["params"]), self._agree_across_ranks())
         journal = Journal(self.state)
@@ -369,7 +374,7 @@ class HybridZOOptimizer(Optimizer):
         }
         return runner.as_tensor(loss)  # type: ignore[arg-type]
 
-    def _prepare_step(self, closure: Optional[Closure]) -> Tuple[List[Tuple[int, Group]], List[Group]]:
+    def _prepare_step(self, has_closure: bool) -> Tuple[List[Tuple[int, Group]], List[Group]]:
         """Validate every group (a scheduler may have written it) and what the step will read.
 
         Nothing is written unless everything is valid; then the groups take their
@@ -384,15 +389,21 @@ class HybridZOOptimizer(Optimizer):
             options.update(normalize_counters(group, where))
             check_inplace_undo(options, where)
             check_shared_zo_keys(options, where, [(f"param group {j}", o) for j, o in enumerate(normalized)])
-            if options["mode"] == "fo" and closure is None:
+            if options["mode"] == "fo" and not has_closure:
                 _check_dense_grads(group, where)
             for position, p in enumerate(group["params"]):
+                if not is_prepared(p):
+                    raise ValueError(
+                        f"Invalid params in {where}, parameter {position}: an FSDP2 (DTensor) parameter of a "
+                        "model not passed to hybridzo.prepare_fsdp(model); call it after fully_shard, or ZO "
+                        "writes into the shards would not reach the forwards"
+                    )
                 problem = check_state(self.state[p], p, options) if p in self.state else None
                 if problem is not None:
                     raise ValueError(f"Invalid state in {where}, parameter {position}: {problem}")
             normalized.append(options)
         zo_indices = [i for i, options in enumerate(normalized) if options["mode"] == "zo"]
-        if closure is None and zo_indices:
+        if not has_closure and zo_indices:
             raise ValueError(
                 f"Invalid closure: None (param groups {zo_indices} are ZO groups, which need a "
                 "closure that returns the loss; pass it to step() or to the constructor)"
@@ -488,7 +499,7 @@ class HybridZOOptimizer(Optimizer):
 
     def _step_from_grads(self) -> None:
         """A closure-less step: FO groups from the gradients already in ``.grad``."""
-        _, fo_groups = self._prepare_step(None)
+        _, fo_groups = self._prepare_step(has_closure=False)
         journal = Journal(self.state)
         try:
             self._commit_first_order(fo_groups, journal)
@@ -497,6 +508,26 @@ class HybridZOOptimizer(Optimizer):
             raise
         self._advance_counters(skipped=False)
         self.last_step_info = {"forwards": 0, "backwards": 0, "chosen": None, "skipped": False,
+                               "loss": None, "scalars_reduced": 0, "direction_sweeps": 0.0}
+        return None
+
+    def _is_state_initialization(self) -> bool:
+        """A closure-less step with ZO groups, no state yet and every lr 0: how
+        ``torch.distributed.checkpoint`` creates optimizer state to load into."""
+        return (
+            not self.state
+            and any(g["mode"] == "zo" for g in self.param_groups)
+            and all(isinstance(g["lr"], (int, float, Tensor)) and float(g["lr"]) == 0 for g in self.param_groups)
+        )
+
+    def _initialize_state(self) -> None:
+        """Create every state buffer a first step would (zeros), and take no step."""
+        self._prepare_step(has_closure=True)  # validated as a step with a closure would be
+        for group in self.param_groups:
+            if RULES[group["rule"]].buffer_names(group):
+                for p in group["params"]:
+                    begin_update(self.state[p], p, group, commit=True)
+        self.last_step_info = {"forwards": 0, "backwards": 0, "chosen": None, "skipped": True,
                                "loss": None, "scalars_reduced": 0, "direction_sweeps": 0.0}
         return None
 

@@ -12,13 +12,15 @@ unsharded one does.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["LocalSlice", "Span", "local_data", "flat_view", "is_sharded", "local_slice"]
+__all__ = ["LocalSlice", "Span", "local_data", "flat_view", "is_sharded", "local_slice", "prepare_fsdp",
+           "is_prepared"]
 
 
 def _dtensor_type() -> Optional[type]:
@@ -37,6 +39,51 @@ _DTensor = _dtensor_type()
 def is_sharded(tensor: Tensor) -> bool:
     """Whether ``tensor`` is a DTensor (FSDP2 parameter, gradient or state)."""
     return _DTensor is not None and isinstance(tensor, _DTensor)
+
+
+# The FSDP2 parameters of models passed to prepare_fsdp, by id (tensors cannot sit in a WeakSet).
+_PREPARED: "weakref.WeakValueDictionary[int, Tensor]" = weakref.WeakValueDictionary()
+
+
+def prepare_fsdp(model: nn.Module) -> nn.Module:
+    """Make a model sharded with FSDP2 (``fully_shard``) safe for :class:`~hybridzo.HybridZOOptimizer`.
+
+    A ZO step writes probes and updates into each process's parameter shards, then runs
+    forwards. FSDP2 normally keeps the root module's gathered parameters after a forward
+    that is not followed by backward (a ZO probe), and the next forward reuses that copy:
+    writes to the shards in between, and ``requires_grad`` changes, would not reach it.
+    This sets every FSDP module of ``model`` to reshard after forward (the root too, as
+    ``fully_shard(..., reshard_after_forward=True)`` would; the root's parameters are then
+    gathered again for each forward), drops any copy gathered so far, and records the
+    model's sharded parameters, which the optimizer checks before a step.
+
+    Call it after ``fully_shard`` and before the first step; it returns ``model``.
+
+    Raises:
+        ValueError: ``model`` holds no FSDP2 module.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        FSDPModule = ()  # type: ignore[assignment,misc]
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)] if FSDPModule else []
+    if not modules:
+        raise ValueError(
+            f"Invalid model: {type(model).__name__} holds no FSDP2 module; call "
+            "torch.distributed.fsdp.fully_shard on its blocks and on the model first"
+        )
+    for module in modules:
+        module.set_reshard_after_forward(True, recurse=False)
+        module.reshard()  # while a module is gathered, parameters() returns the gathered copies
+    for param in model.parameters():
+        if is_sharded(param):
+            _PREPARED[id(param)] = param
+    return model
+
+
+def is_prepared(param: Tensor) -> bool:
+    """Whether ``param`` is a plain tensor or a parameter of a model passed to :func:`prepare_fsdp`."""
+    return not is_sharded(param) or _PREPARED.get(id(param)) is param
 
 
 def local_data(tensor: Tensor) -> Tensor:

@@ -7,7 +7,6 @@ goes through, so it lands after some tensors (and some chunks) were already writ
 
 import pytest
 from _pytest.monkeypatch import MonkeyPatch
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -182,8 +182,7 @@ class HybridZOTrainer(Trainer):
                 self.accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
             return total
 
-        loss = self.hybridzo_optimizer.step(closure)
-        return loss.to(self.args.device)
+        return self.hybridzo_optimizer.step(closure)  # on the closure's device, as the Trainer expects
 
 
 class _SkipTrainerOptimizerStep(TrainerCallback):

@@ -319,7 +319,7 @@ def write_report(results: Dict[str, Dict[str, Any]], tables: Sequence[Table], ar
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Any]]:
     """Run the selected rows (skipping finished ones) and write the tables, plots and a JSON summary."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESET_DEPTH),
                         help="examples/clip_cl.py preset: cpu (tiny CLIP, 2 CPU cores), paper (ViT-B/16, a GPU), "

@@ -412,7 +412,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Measure every selected configuration in a fresh process; write the markdown report and the plot."""
     from benchmarks._workload import MODEL_CHOICES_HELP
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="ViT-B-16", help=MODEL_CHOICES_HELP)
     parser.add_argument("--batch", type=int, default=8, help="images per step")
     parser.add_argument("--prompts", type=int, default=10, help="text prompts encoded per step (classes per task)")

@@ -92,7 +92,7 @@ def measure(operation: str, placement: str, width: int, depth: int, batch: int) 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     """Measure every (placement, operation) in a fresh process and write the markdown table."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.restore_memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--depth", type=int, default=8)
     parser.add_argument("--batch", type=int, default=16)

@@ -351,7 +351,7 @@ def write_report(configs: Dict[str, SpeedConfig], args: argparse.Namespace, work
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Time the selected configurations and write the markdown report (and a JSON of the raw times)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="ViT-B-16", help=MODEL_CHOICES_HELP)
     parser.add_argument("--batch", type=int, default=4, help="images per step")
     parser.add_argument("--prompts", type=int, default=10, help="text prompts encoded per step (classes per task)")

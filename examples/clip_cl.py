@@ -98,7 +98,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface (defaults are the paper's settings; ``--preset`` replaces some)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m examples.clip_cl", description=__doc__.split("\n\n")[0],
+                                     formatter_class=_HelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS),
                         help="fill defaults for a setting: " + "; ".join(
                             f"{name}: {', '.join(f'{k}={v}' for k, v in values.items())}"

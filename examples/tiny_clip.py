@@ -371,7 +371,7 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m examples.tiny_clip", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("pretrain", help="pretrain on CIFAR-100's first 50 classes of class_order(100)")
     p.add_argument("--data-root", default="data", help="folder containing cifar-100-python/ (default: data)")

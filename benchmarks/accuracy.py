@@ -45,6 +45,9 @@ DEFAULT_DATA_ROOT = _measure.REPO_ROOT.parent / "shared" / "data"
 PRESET_DEPTH = {"smoke": 8, "cpu": 8, "paper": 12}
 """Blocks per tower of each preset's model (tiny CLIP: 8; ViT-B/16: 12), for Prefix/Suffix = half."""
 
+PRESET_PLACEMENT_RESET = {"smoke": ("--zo-layers", "all", "--no-mozo")}
+"""Flags that undo a preset's own ZO placement (smoke: MoZO on hop-odd layers), so each row's flags say it all."""
+
 BRANCHES = {"dual": "Dual", "vision": "Vision", "language": "Language"}
 LAYERS = {"hop-odd": "Hop-odd", "hop-even": "Hop-even", "prefix": "Prefix", "suffix": "Suffix"}
 
@@ -72,7 +75,8 @@ class Row:
     def arguments(self, preset: str) -> List[str]:
         """``clip_cl.py`` arguments of this row under ``preset``."""
         half = str(PRESET_DEPTH[preset] // 2)
-        return ["--preset", preset, *(flag.replace("{half}", half) for flag in self.flags)]
+        return ["--preset", preset, *PRESET_PLACEMENT_RESET.get(preset, ()),
+                *(flag.replace("{half}", half) for flag in self.flags)]
 
 
 def _rows() -> Dict[str, Row]:

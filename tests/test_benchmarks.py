@@ -91,6 +91,18 @@ def test_help_describes_preset_and_out_dir() -> None:
     assert "--out-dir OUT_DIR folder for the reports" in text
 
 
+def test_accuracy_rows_place_zo_alike_under_the_smoke_and_cpu_presets() -> None:
+    from benchmarks.accuracy import ROWS
+    from examples.clip_cl import parse_args
+
+    def placement(row, preset):  # the smoke preset's own MoZO hop-odd placement must not leak into the rows
+        args = parse_args(row.arguments(preset))
+        return args.zo_branch, args.zo_layers, args.mozo, args.sign, args.conservative, args.queries
+
+    for row in ROWS.values():
+        assert placement(row, "smoke") == placement(row, "cpu"), row.name
+
+
 def _fake_result(last: float, avg: float) -> dict:
     """A results.json of examples/clip_cl.py, reduced to what the accuracy report reads."""
     return {"last": last, "avg": avg, "forgetting": 10.0, "seen_acc": [avg, last], "acc_matrix": [[avg, None],

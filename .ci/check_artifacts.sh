@@ -8,7 +8,11 @@ repo=$PWD
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-python -m build --outdir "$work/dist" .
+# Build from a copy of the tracked files: nothing untracked can slip into the sdist, and a test run building in the
+# checkout at the same time (tests/test_packaging.py) cannot collide with this one.
+mkdir "$work/src"
+git ls-files -z | xargs -0 cp --parents -t "$work/src"
+python -m build --outdir "$work/dist" "$work/src"
 python -m twine check --strict "$work"/dist/*
 echo "sdist:"; tar tzf "$work"/dist/hybridzo-*.tar.gz
 if tar tzf "$work"/dist/hybridzo-*.tar.gz | grep -E '^hybridzo-[^/]+/(tests|examples|benchmarks|docs)/'; then

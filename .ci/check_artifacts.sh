@@ -8,8 +8,7 @@ repo=$PWD
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-# Build from a copy of the tracked files: nothing untracked can slip into the sdist, and a test run building in the
-# checkout at the same time (tests/test_packaging.py) cannot collide with this one.
+# Build from a copy of the tracked files, so that nothing untracked (local runs, build leftovers) reaches the sdist.
 mkdir "$work/src"
 git ls-files -z | xargs -0 cp --parents -t "$work/src"
 python -m build --outdir "$work/dist" "$work/src"

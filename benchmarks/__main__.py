@@ -15,17 +15,20 @@ from __future__ import annotations
 import argparse
 import importlib
 import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import _measure  # noqa: E402
+from benchmarks import _measure
 
 SCRIPTS = ("memory", "speed", "restore_memory", "accuracy")
+
+PRESETS = {
+    "cpu": "what benchmarks/results/ holds: ViT-B-16 memory and speed, tiny-CLIP accuracy (hours)",
+    "paper": "the papers' scale on a GPU; reports get a _paper suffix",
+    "smoke": "seconds-long runs on a 4-block CLIP, to check that every script starts",
+}
+"""``--preset`` values and what each runs."""
 
 
 def script_arguments(preset: str, out_dir: Path, jobs: int = 1) -> Dict[str, List[str]]:
@@ -36,8 +39,10 @@ def script_arguments(preset: str, out_dir: Path, jobs: int = 1) -> Dict[str, Lis
         return {
             "memory": ["--model", "micro", "--batch", "2", "--configs", "dual", "--state-model", "micro",
                        *out["memory"]],
-            "speed": ["--model", "micro", "--batch", "2", "--repeats", "1",
-                      "--configs", "zo-central,zo-conservative,fo,mezo-ref,mezo-pkg", *out["speed"]],
+            "speed": ["--model", "micro", "--batch", "2", "--repeats", "1", "--configs",
+                      ",".join(["zo-central", "zo-conservative", "fo", "mezo-ref",
+                                *(["mezo-pkg"] if _measure.installed("mezo") else [])]),  # an optional peer
+                      *out["speed"]],
             "restore_memory": ["--width", "64", "--depth", "2", "--batch", "4", "--placements", "adapter",
                                *out["restore_memory"]],
             "accuracy": ["--smoke", "--runs-dir", str(out_dir / "runs"), "--out", str(out_dir / "accuracy_smoke.md")],
@@ -62,11 +67,16 @@ def script_arguments(preset: str, out_dir: Path, jobs: int = 1) -> Dict[str, Lis
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Run the selected benchmark scripts of a preset one after the other."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="cpu", choices=["cpu", "paper", "smoke"])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0],
+                                     epilog="Run from the repository root. Each script also runs alone: "
+                                            "python -m benchmarks.<script> --help.")
+    parser.add_argument("--preset", default="cpu", choices=list(PRESETS),
+                        help="; ".join(f"{name}: {what}" for name, what in PRESETS.items()) + " (default: cpu)")
     parser.add_argument("--only", type=_measure.split_list, default=list(SCRIPTS),
-                        help=f"comma-separated scripts to run: {', '.join(SCRIPTS)}")
-    parser.add_argument("--out-dir", type=Path, default=_measure.RESULTS_DIR)
+                        help=f"comma-separated scripts to run: {', '.join(SCRIPTS)} (default: all)")
+    parser.add_argument("--out-dir", type=Path, default=_measure.RESULTS_DIR,
+                        help="folder for the reports (markdown, JSON, plots) "
+                             f"(default: {_measure.RESULTS_DIR.relative_to(_measure.REPO_ROOT)})")
     parser.add_argument("--jobs", type=int, default=1, help="accuracy rows run in parallel")
     parser.add_argument("--dry-run", action="store_true", help="print what would run")
     args = parser.parse_args(argv)
@@ -75,7 +85,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         parser.error(f"unknown scripts {sorted(unknown)}; choose from {', '.join(SCRIPTS)}")
     arguments = script_arguments(args.preset, args.out_dir, args.jobs)
     for name in (s for s in SCRIPTS if s in args.only):
-        print(f"== python benchmarks/{name}.py {shlex.join(arguments[name])}", flush=True)
+        print(f"== python -m benchmarks.{name} {shlex.join(arguments[name])}", flush=True)
         if args.dry_run:
             continue
         module = importlib.import_module(f"benchmarks.{name}")

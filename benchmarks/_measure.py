@@ -3,8 +3,9 @@
 * Peak memory: on CPU, the process's resident set size read from ``/proc/self/status``, with the
   high-water mark (VmHWM) reset through ``/proc/self/clear_refs``; on CUDA,
   ``torch.cuda.max_memory_allocated``. :class:`PeakMemory` hides the difference.
-* Fresh processes: :func:`run_child` runs a script's ``--child`` mode in a new interpreter and parses the
-  JSON line it prints, so one measurement cannot inherit another's allocations.
+* Fresh processes: :func:`run_child` runs a script's ``--child`` mode in a new interpreter
+  (``python -m benchmarks.<script>`` from the repository root) and parses the JSON line it prints, so one
+  measurement cannot inherit another's allocations.
 * Reports: :func:`environment` (machine, versions, date, git commit, load) and :func:`markdown_table`.
 
 Linux only for the CPU peak (``/proc``); the CUDA path works anywhere torch does.
@@ -107,20 +108,28 @@ class PeakMemory:
         return status_kib("VmHWM") * 1024
 
 
-def run_child(script: Path, args: Sequence[str], timeout_s: Optional[float] = None) -> Dict[str, Any]:
-    """Run ``python script *args`` in a fresh interpreter and return the JSON object on its last line.
+def run_child(module: str, args: Sequence[str], timeout_s: Optional[float] = None) -> Dict[str, Any]:
+    """Run ``python -m module *args`` in a fresh interpreter and return the JSON object on its last line.
 
-    The child gets :data:`CHILD_MALLOC_ENV` on top of this process's environment.
+    The child runs in the repository root (so ``benchmarks`` and ``examples`` import as packages) with
+    :data:`CHILD_MALLOC_ENV` on top of this process's environment.
 
     Raises:
         RuntimeError: the child failed; its stderr is included.
     """
     env = {**os.environ, **CHILD_MALLOC_ENV}
-    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env,
+    done = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env,
                           timeout=timeout_s, cwd=REPO_ROOT)
     if done.returncode != 0:
-        raise RuntimeError(f"{script.name} {' '.join(args)} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+        raise RuntimeError(f"{module} {' '.join(args)} failed ({done.returncode}):\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def installed(module: str) -> bool:
+    """Whether ``module`` can be imported (without importing it): optional peers such as PyPI ``mezo``."""
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 # ------------------------------------------------------------------------------------------------- time
@@ -194,7 +203,6 @@ def environment(device: str = "cpu") -> Dict[str, Any]:
         versions["open_clip"] = importlib.metadata.version("open_clip_torch")
     except importlib.metadata.PackageNotFoundError:
         pass
-    sys.path.insert(0, str(REPO_ROOT))
     import hybridzo
 
     versions["hybridzo"] = hybridzo.__version__
@@ -233,10 +241,10 @@ def environment_markdown(info: Mapping[str, Any], command: str, load_after: Opti
     ])
 
 
-def command_line(script: str, argv: Optional[Sequence[str]]) -> str:
-    """How a script was invoked, for the results header."""
+def command_line(module: str, argv: Optional[Sequence[str]]) -> str:
+    """How a script was invoked (``python -m <module> ...``, from the repository root), for the results header."""
     arguments = sys.argv[1:] if argv is None else list(argv)
-    return " ".join(["python", script, *arguments])
+    return " ".join(["python", "-m", module, *arguments])
 
 
 # ---------------------------------------------------------------------------------------------- tables

@@ -13,7 +13,6 @@ time are those of real prompts.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -21,20 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks._measure import REPO_ROOT
-
-EXAMPLES_DIR = REPO_ROOT / "examples"
-for _path in (EXAMPLES_DIR, REPO_ROOT):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
-
-from adapters import add_lora, add_moe_adapters, freeze_backbone  # noqa: E402
-from hybridzo import GroupRule, HybridZOOptimizer, build_param_groups  # noqa: E402
-
-BRANCH_PATTERNS = {"vision": r"^visual\.", "language": r"^transformer\."}
-"""Parameter-name regex of each CLIP tower in open_clip (the adapters' names keep these prefixes)."""
-
-BRANCH_TOWERS = {"none": (), "dual": ("vision", "language"), "vision": ("vision",), "language": ("language",)}
+from examples.adapters import add_lora, add_moe_adapters, freeze_backbone
+from examples.branches import BRANCH_PATTERNS, BRANCH_TOWERS
+from hybridzo import GroupRule, HybridZOOptimizer, build_param_groups
 
 MICRO_CLIP_CONFIG: Dict[str, Any] = {
     "embed_dim": 32,
@@ -52,7 +40,7 @@ def build_clip(name: str) -> nn.Module:
     import open_clip
 
     if name == "tiny":
-        from tiny_clip import build_tiny_clip
+        from examples.tiny_clip import build_tiny_clip
 
         return build_tiny_clip()
     if name == "micro":

@@ -16,10 +16,10 @@ ZO rows use the paper's default ZO, ZO-SGD-Cons, unless the row says otherwise. 
 ``results.json`` exists is not run again, so an interrupted sweep resumes where it stopped. The tables
 are built from whatever results exist (missing rows say so).
 
-    python benchmarks/accuracy.py --preset cpu [--rows table1,table4] [--only NAME,...] [--jobs 2]
-    python benchmarks/accuracy.py --preset paper          # ViT-B/16, OpenAI weights: for a GPU
-    python benchmarks/accuracy.py --smoke                 # one row with the examples' smoke preset
-    python benchmarks/accuracy.py --report-only           # tables from the finished rows, nothing run
+    python -m benchmarks.accuracy --preset cpu [--rows table1,table4] [--only NAME,...] [--jobs 2]
+    python -m benchmarks.accuracy --preset paper          # ViT-B/16, OpenAI weights: for a GPU
+    python -m benchmarks.accuracy --smoke                 # one row with the examples' smoke preset
+    python -m benchmarks.accuracy --report-only           # tables from the finished rows, nothing run
 """
 
 from __future__ import annotations
@@ -35,17 +35,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import _measure
 
-from benchmarks import _measure  # noqa: E402
-
-CLIP_CL = _measure.REPO_ROOT / "examples" / "clip_cl.py"
+CLIP_CL = ("-m", "examples.clip_cl")
+"""How each row runs the example: ``python -m examples.clip_cl ...`` in the repository root."""
 TINY_CHECKPOINT = _measure.REPO_ROOT / "examples" / "checkpoints" / "tiny_clip.pt"
 DEFAULT_DATA_ROOT = _measure.REPO_ROOT.parent / "shared" / "data"
 
 PRESET_DEPTH = {"smoke": 8, "cpu": 8, "paper": 12}
 """Blocks per tower of each preset's model (tiny CLIP: 8; ViT-B/16: 12), for Prefix/Suffix = half."""
+
+PRESET_PLACEMENT_RESET = {"smoke": ("--zo-layers", "all", "--no-mozo")}
+"""Flags that undo a preset's own ZO placement (smoke: MoZO on hop-odd layers), so each row's flags say it all."""
 
 BRANCHES = {"dual": "Dual", "vision": "Vision", "language": "Language"}
 LAYERS = {"hop-odd": "Hop-odd", "hop-even": "Hop-even", "prefix": "Prefix", "suffix": "Suffix"}
@@ -74,7 +75,8 @@ class Row:
     def arguments(self, preset: str) -> List[str]:
         """``clip_cl.py`` arguments of this row under ``preset``."""
         half = str(PRESET_DEPTH[preset] // 2)
-        return ["--preset", preset, *(flag.replace("{half}", half) for flag in self.flags)]
+        return ["--preset", preset, *PRESET_PLACEMENT_RESET.get(preset, ()),
+                *(flag.replace("{half}", half) for flag in self.flags)]
 
 
 def _rows() -> Dict[str, Row]:
@@ -168,7 +170,7 @@ def run_row(row: Row, preset: str, runs_dir: Path, data_root: Path, extra: Seque
     if (out / "results.json").is_file():
         return row.name, "kept (results.json exists)"
     out.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, str(CLIP_CL), *row.arguments(preset), "--data-root", str(data_root),
+    command = [sys.executable, *CLIP_CL, *row.arguments(preset), "--data-root", str(data_root),
                "--out", str(out), "--no-progress", *extra]
     if threads is not None:
         command += ["--threads", str(threads)]
@@ -292,7 +294,7 @@ def write_report(results: Dict[str, Dict[str, Any]], tables: Sequence[Table], ar
     lines = [
         f"# Continual-learning accuracy, `{args.preset}` preset",
         "",
-        _measure.environment_markdown(info, _measure.command_line("benchmarks/accuracy.py", argv),
+        _measure.environment_markdown(info, _measure.command_line("benchmarks.accuracy", argv),
                                       _measure.load_average()),
         f"- Runs: `{args.runs_dir}` (one `examples/clip_cl.py` run per row; the command is in each row's log.txt).",
     ]
@@ -321,7 +323,7 @@ def write_report(results: Dict[str, Dict[str, Any]], tables: Sequence[Table], ar
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Any]]:
     """Run the selected rows (skipping finished ones) and write the tables, plots and a JSON summary."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESET_DEPTH),
                         help="examples/clip_cl.py preset: cpu (tiny CLIP, 2 CPU cores), paper (ViT-B/16, a GPU), "
@@ -365,13 +367,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Any]]:
 
     if args.dry_run:
         for name in selected:
-            print(shlex.join([sys.executable, str(CLIP_CL), *ROWS[name].arguments(args.preset),
+            print(shlex.join([sys.executable, *CLIP_CL, *ROWS[name].arguments(args.preset),
                               "--out", str(args.runs_dir / name), *extra]))
         return {}
     if args.report_only:
         selected = []
     elif args.preset in ("cpu", "smoke") and not TINY_CHECKPOINT.is_file():
-        raise SystemExit(f"{TINY_CHECKPOINT} is missing; create it with `python examples/tiny_clip.py pretrain`")
+        raise SystemExit(f"{TINY_CHECKPOINT} is missing; create it with `python -m examples.tiny_clip pretrain`")
     if selected and not (args.data_root / "cifar-100-python").is_dir():
         raise SystemExit(f"CIFAR-100 not found under {args.data_root} (expected cifar-100-python/)")
 

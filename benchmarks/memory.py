@@ -25,7 +25,7 @@ Table 5). On CUDA the same two figures come from ``torch.cuda.max_memory_allocat
 Also written: a pure-ZO step's peak against the no-grad forward's, and optimizer state bytes per
 trainable parameter for every rule and mode against ``torch.optim.SGD`` and ``AdamW``.
 
-    python benchmarks/memory.py [--model ViT-B-16] [--batch 8] [--prompts 10] [--device cpu]
+    python -m benchmarks.memory [--model ViT-B-16] [--batch 8] [--prompts 10] [--device cpu]
 
 To add or re-measure a few configurations without rerunning the rest (about a minute each on CPU),
 ``--configs NAMES --keep-from benchmarks/results/memory.json`` takes every other configuration, and the
@@ -37,16 +37,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import _measure  # noqa: E402
-from benchmarks._measure import MIB  # noqa: E402
+from benchmarks import _measure
+from benchmarks._measure import MIB
 
 if TYPE_CHECKING:  # imported lazily: it loads torch and open_clip
     from benchmarks._workload import Workload
@@ -335,7 +331,7 @@ def write_report(results: Dict[str, Dict[str, Any]], sweep: Dict[int, Dict[str, 
     lines = [
         "# Peak memory of one training step",
         "",
-        _measure.environment_markdown(info, _measure.command_line("benchmarks/memory.py", argv), load_after),
+        _measure.environment_markdown(info, _measure.command_line("benchmarks.memory", argv), load_after),
         f"- Workload: open_clip `{args.model}`, random weights ({any_result['weights_mib']:.0f} MiB fp32), "
         f"adapters in every block of both towers, backbone frozen; batch {args.batch} images, {args.prompts} "
         f"text prompts re-encoded per step (one per class of an Inc{args.prompts} task); training mode; "
@@ -416,7 +412,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Measure every selected configuration in a fresh process; write the markdown report and the plot."""
     from benchmarks._workload import MODEL_CHOICES_HELP
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="ViT-B-16", help=MODEL_CHOICES_HELP)
     parser.add_argument("--batch", type=int, default=8, help="images per step")
     parser.add_argument("--prompts", type=int, default=10, help="text prompts encoded per step (classes per task)")
@@ -456,7 +452,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                   "--device", args.device, "--warmup-steps", str(args.warmup_steps), "--threads", str(args.threads)]
     results: Dict[str, Dict[str, Any]] = {}
     for name in args.configs:
-        results[name] = _measure.run_child(Path(__file__), ["--child", name, *child_args])
+        results[name] = _measure.run_child("benchmarks.memory", ["--child", name, *child_args])
         r = results[name]
         print(f"{name:>18}: above model {r['above_model_mib']:8.1f} MiB, incl. weights {r['total_mib']:8.1f} MiB",
               flush=True)
@@ -471,7 +467,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         batch_args[batch_args.index("--batch") + 1] = str(batch)
         sweep[batch] = {}
         for name in SWEEP_CONFIGS:
-            sweep[batch][name] = _measure.run_child(Path(__file__), ["--child", name, *batch_args])
+            sweep[batch][name] = _measure.run_child("benchmarks.memory", ["--child", name, *batch_args])
             print(f"batch {batch:>3} {name:>10}: above model {sweep[batch][name]['above_model_mib']:8.1f} MiB",
                   flush=True)
     state_rows = optimizer_state_bytes(args.state_model) if args.state_model else []

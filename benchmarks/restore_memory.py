@@ -15,22 +15,18 @@ before the operation. Three operations on the same model and batch:
 
 Two ZO placements: every parameter ZO ("full"), and only a small adapter ZO.
 
-    python benchmarks/restore_memory.py [--width 2048] [--depth 8] [--out benchmarks/results/restore_memory.md]
+    python -m benchmarks.restore_memory [--width 2048] [--depth 8] [--out benchmarks/results/restore_memory.md]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import _measure  # noqa: E402
-from benchmarks._measure import MIB  # noqa: E402
+from benchmarks import _measure
+from benchmarks._measure import MIB
 
 OPERATIONS = ("forward", "hybridzo", "hybridzo-inplace", "mezo-inplace")
 PLACEMENTS = ("full", "adapter")
@@ -96,7 +92,7 @@ def measure(operation: str, placement: str, width: int, depth: int, batch: int) 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     """Measure every (placement, operation) in a fresh process and write the markdown table."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.restore_memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--depth", type=int, default=8)
     parser.add_argument("--batch", type=int, default=16)
@@ -113,7 +109,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     rows = []
     for placement in args.placements:
         for operation in OPERATIONS:
-            rows.append(_measure.run_child(Path(__file__), ["--child", operation, placement, *sizes]))
+            rows.append(_measure.run_child("benchmarks.restore_memory", ["--child", operation, placement, *sizes]))
             print(rows[-1], flush=True)
     table = []
     for placement in args.placements:
@@ -124,7 +120,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     lines = [
         "# Memory of exact and in-place restore",
         "",
-        _measure.environment_markdown(info, _measure.command_line("benchmarks/restore_memory.py", argv),
+        _measure.environment_markdown(info, _measure.command_line("benchmarks.restore_memory", argv),
                                       _measure.load_average()),
         f"- Model: {args.depth} x Linear({args.width}, {args.width}) + GELU, fp32, batch {args.batch}, one torch "
         "thread. Peak RSS above the RSS before the operation, fresh process per row.",

@@ -17,32 +17,27 @@ Configurations (CLIP with MoE adapters, see ``_workload.py``):
   and the PyPI package ``mezo`` (``mezo.update``), on the adapters and on the full model;
 * hybridzo central q=1 on the full model (every weight ZO).
 
-For each configuration the step time is split into the closure calls (the forwards), the drawing of
-perturbation directions (``DirectionGenerator.sample``, hybridzo only) and the rest (backward for FO
-groups; writing perturbations, restores and updates for ZO groups).
+For each configuration the step time is split into the closure calls (the forwards, timed by wrapping the
+closure) and the rest: the optimizer's own overhead (drawing directions, writing perturbations, restores and
+updates) plus, for FO groups, the backward pass. hybridzo rows also report how many full passes of direction
+generation over the ZO parameters the step made, from the optimizer's public ``last_step_info``.
 
-    python benchmarks/speed.py [--model ViT-B-16] [--batch 4] [--repeats 5] [--threads 1]
+    python -m benchmarks.speed [--model ViT-B-16] [--batch 4] [--repeats 5] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.util
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks import _measure  # noqa: E402
-from benchmarks._workload import (  # noqa: E402
+from benchmarks import _measure
+from benchmarks._workload import (
     CONSERVATIVE,
     FORWARD_ESTIMATOR,
     MODEL_CHOICES_HELP,
@@ -55,7 +50,7 @@ from benchmarks._workload import (  # noqa: E402
     make_optimizer,
     torch_step,
 )
-from hybridzo.perturbation import DirectionGenerator  # noqa: E402
+from hybridzo import HybridZOOptimizer
 
 INPLACE = ZOSettings(conservative=False, restore="inplace")
 """ZO-SGD with MeZO's in-place round trip instead of the exact-restore copy."""
@@ -66,11 +61,18 @@ ZEROFLOW_EPOCH_S = {"zo-sgd": 32.4, "zo-sgd-cons": 70.1, "fo-sgd": 59.3}
 
 @dataclass
 class Timers:
-    """Seconds spent in closure calls and in drawing directions during the step being timed."""
+    """What one timed step spent in closure calls, and what the optimizer reported about it.
+
+    Attributes:
+        closure_s: Seconds inside closure calls (the forwards, and the backward where the closure runs it).
+        closure_calls: Number of closure calls.
+        direction_sweeps: ``last_step_info["direction_sweeps"]`` of a hybridzo step: full passes of direction
+            generation over the ZO parameters; ``None`` for other rows or a hybridzo that does not report it.
+    """
 
     closure_s: float = 0.0
-    sampling_s: float = 0.0
     closure_calls: int = 0
+    direction_sweeps: Optional[float] = None
 
 
 @dataclass
@@ -83,7 +85,8 @@ class SpeedConfig:
         theory_forwards: Theoretical forward-equivalents when every pass is a no-grad forward, else None.
         zo_scope: ``"adapters"``, ``"full model"`` or ``""`` (no ZO).
         step: Runs one training step, calling the closure it is given.
-        samples_directions: Whether the step draws hybridzo directions (for the sampling share).
+        optimizer: The :class:`HybridZOOptimizer` that ``step`` steps, whose ``last_step_info`` is read after
+            every timed step; ``None`` for the reference loops.
         step_times: Measured step seconds per repeat.
         forward_times: Paired no-grad forward seconds per repeat.
         timers: Split of each repeat's step time.
@@ -94,7 +97,7 @@ class SpeedConfig:
     theory_forwards: Optional[float]
     zo_scope: str
     step: Callable[[Callable[[], torch.Tensor]], Any]
-    samples_directions: bool = False
+    optimizer: Optional[HybridZOOptimizer] = None
     step_times: List[float] = field(default_factory=list)
     forward_times: List[float] = field(default_factory=list)
     timers: List[Timers] = field(default_factory=list)
@@ -103,34 +106,23 @@ class SpeedConfig:
         """Median over repeats of step time / paired forward time."""
         return _measure.median([s / f for s, f in zip(self.step_times, self.forward_times)])
 
-    def share(self, attribute: str) -> float:
-        """Median over repeats of a timer's share of the step."""
-        return _measure.median([getattr(t, attribute) / s for t, s in zip(self.timers, self.step_times)])
+    def closure_share(self) -> float:
+        """Median over repeats of the share of the step spent inside closure calls."""
+        return _measure.median([t.closure_s / s for t, s in zip(self.timers, self.step_times)])
+
+    def outside_closures_s(self) -> float:
+        """Median over repeats of the seconds the step spent outside closure calls."""
+        return _measure.median([s - t.closure_s for t, s in zip(self.timers, self.step_times)])
+
+    def direction_sweeps(self) -> Optional[float]:
+        """Direction sweeps per step reported by hybridzo (the median over repeats), or ``None``."""
+        reported = [t.direction_sweeps for t in self.timers if t.direction_sweeps is not None]
+        return _measure.median(reported) if reported else None
 
 
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-@contextlib.contextmanager
-def timing_direction_sampling(timers: Timers) -> Iterator[None]:
-    """Add the time of every ``DirectionGenerator.sample`` call to ``timers.sampling_s``."""
-    original = DirectionGenerator.sample
-
-    def timed(self: DirectionGenerator, like: torch.Tensor, seed: int) -> torch.Tensor:
-        _synchronize(like.device)  # on CUDA, time the kernel rather than its launch
-        start = time.perf_counter()
-        z = original(self, like, seed)
-        _synchronize(like.device)
-        timers.sampling_s += time.perf_counter() - start
-        return z
-
-    DirectionGenerator.sample = timed  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        DirectionGenerator.sample = original  # type: ignore[method-assign]
 
 
 # ----------------------------------------------------------------------------------- MeZO-style steps
@@ -193,33 +185,33 @@ def build_configs(workload: Workload, names: Sequence[str]) -> Dict[str, SpeedCo
     everything = list(workload.model.parameters())
     zo_lr, eps = 1e-9, 1e-3  # tiny steps: the weights barely move while being timed
 
-    def hybrid(placement: Placement) -> Callable:
-        return make_optimizer(workload, placement).step
+    def hybrid(label: str, theory: str, theory_forwards: Optional[float], zo_scope: str,
+               optimizer: HybridZOOptimizer) -> SpeedConfig:
+        return SpeedConfig(label, theory, theory_forwards, zo_scope, optimizer.step, optimizer)
 
     factories: Dict[str, Callable[[], SpeedConfig]] = {
-        "zo-central": lambda: SpeedConfig("hybridzo ZO*/ZO-SGD, central q=1", "2", 2, "adapters",
-                                          hybrid(Placement("dual", settings=NAIVE)), True),
-        "zo-forward": lambda: SpeedConfig("hybridzo ZO, forward estimator q=1", "1 + 1", 2, "adapters",
-                                          hybrid(Placement("dual", settings=FORWARD_ESTIMATOR)), True),
-        "zo-conservative": lambda: SpeedConfig("hybridzo ZO-SGD-Cons", "5", 5, "adapters",
-                                               hybrid(Placement("dual", settings=CONSERVATIVE)), True),
-        "vision-zo": lambda: SpeedConfig("hybridzo Vision w/ ZO (Cons), language FO", "1 + bwd(lang) + 4", None,
-                                         "vision adapters", hybrid(Placement("vision")), True),
-        "language-zo": lambda: SpeedConfig("hybridzo Language w/ ZO (Cons), vision FO", "1 + bwd(vis) + 4", None,
-                                           "language adapters", hybrid(Placement("language")), True),
-        "fo": lambda: SpeedConfig("hybridzo FO baseline (AdamW)", "1 + bwd", None, "",
-                                  hybrid(Placement("none"))),
+        "zo-central": lambda: hybrid("hybridzo ZO*/ZO-SGD, central q=1", "2", 2, "adapters",
+                                     make_optimizer(workload, Placement("dual", settings=NAIVE))),
+        "zo-forward": lambda: hybrid("hybridzo ZO, forward estimator q=1", "1 + 1", 2, "adapters",
+                                     make_optimizer(workload, Placement("dual", settings=FORWARD_ESTIMATOR))),
+        "zo-conservative": lambda: hybrid("hybridzo ZO-SGD-Cons", "5", 5, "adapters",
+                                          make_optimizer(workload, Placement("dual", settings=CONSERVATIVE))),
+        "vision-zo": lambda: hybrid("hybridzo Vision w/ ZO (Cons), language FO", "1 + bwd(lang) + 4", None,
+                                    "vision adapters", make_optimizer(workload, Placement("vision"))),
+        "language-zo": lambda: hybrid("hybridzo Language w/ ZO (Cons), vision FO", "1 + bwd(vis) + 4", None,
+                                      "language adapters", make_optimizer(workload, Placement("language"))),
+        "fo": lambda: hybrid("hybridzo FO baseline (AdamW)", "1 + bwd", None, "",
+                             make_optimizer(workload, Placement("none"))),
         "fo-torch": lambda: SpeedConfig("torch.optim.AdamW loop", "1 + bwd", None, "",
                                         _torch_step(workload)),
         "mezo-ref": lambda: SpeedConfig("MeZO reference loop", "2", 2, "adapters",
                                         MeZOReference(adapters, zo_lr, eps).step),
         "mezo-pkg": lambda: SpeedConfig("PyPI mezo.update", "2", 2, "adapters",
                                         mezo_package_step(workload.model, adapters, zo_lr, eps)),
-        "full-zo-central": lambda: SpeedConfig("hybridzo ZO-SGD, central q=1", "2", 2, "full model",
-                                               full_model_zo_optimizer(workload).step, True),
-        "full-zo-inplace": lambda: SpeedConfig("hybridzo ZO-SGD, central q=1, restore='inplace'", "2", 2,
-                                               "full model",
-                                               full_model_zo_optimizer(workload, INPLACE).step, True),
+        "full-zo-central": lambda: hybrid("hybridzo ZO-SGD, central q=1", "2", 2, "full model",
+                                          full_model_zo_optimizer(workload)),
+        "full-zo-inplace": lambda: hybrid("hybridzo ZO-SGD, central q=1, restore='inplace'", "2", 2, "full model",
+                                          full_model_zo_optimizer(workload, INPLACE)),
         "full-mezo-ref": lambda: SpeedConfig("MeZO reference loop", "2", 2, "full model",
                                              MeZOReference(everything, zo_lr, eps).step),
         "full-mezo-pkg": lambda: SpeedConfig("PyPI mezo.update", "2", 2, "full model",
@@ -240,10 +232,7 @@ ALL_CONFIGS = ["zo-central", "zo-forward", "zo-conservative", "vision-zo", "lang
                "mezo-ref", "mezo-pkg", "full-zo-central", "full-zo-inplace", "full-mezo-ref", "full-mezo-pkg"]
 MEZO_PACKAGE_CONFIGS = ("mezo-pkg", "full-mezo-pkg")
 # PyPI mezo is optional (`pip install --no-deps mezo==0.0.1`): without it its rows are left out by default.
-DEFAULT_CONFIGS = [
-    name for name in ALL_CONFIGS
-    if name not in MEZO_PACKAGE_CONFIGS or importlib.util.find_spec("mezo") is not None
-]
+DEFAULT_CONFIGS = [name for name in ALL_CONFIGS if name not in MEZO_PACKAGE_CONFIGS or _measure.installed("mezo")]
 
 
 # ------------------------------------------------------------------------------------------------- run
@@ -276,8 +265,9 @@ def run(workload: Workload, configs: Dict[str, SpeedConfig], repeats: int, log: 
                 return loss
 
             forward_s = _measure.time_call(forward, device)
-            with timing_direction_sampling(timers):
-                step_s = _measure.time_call(lambda: config.step(closure), device)
+            step_s = _measure.time_call(lambda: config.step(closure), device)
+            if config.optimizer is not None:
+                timers.direction_sweeps = config.optimizer.last_step_info.get("direction_sweeps")
             config.forward_times.append(forward_s)
             config.step_times.append(step_s)
             config.timers.append(timers)
@@ -298,11 +288,15 @@ def write_report(configs: Dict[str, SpeedConfig], args: argparse.Namespace, work
     for name, c in configs.items():
         measured = c.forward_equivalents()
         against = f"{measured / c.theory_forwards:.2f}" if c.theory_forwards else ""
-        sampling = f"{100 * c.share('sampling_s'):.1f}%" if c.samples_directions else "n/a"
-        other = 1 - c.share("closure_s") - (c.share("sampling_s") if c.samples_directions else 0.0)
+        sweeps = c.direction_sweeps()
+        if c.optimizer is None or not c.zo_scope:
+            sweeps_cell = "n/a"
+        else:
+            sweeps_cell = "not reported" if sweeps is None else f"{sweeps:g}"
+        closure_share = c.closure_share()
         rows.append([f"`{name}`", c.label, c.zo_scope or "none", c.theory, f"{measured:.2f}", against,
-                     f"{_measure.median(c.step_times):.2f}", f"{100 * c.share('closure_s'):.1f}%", sampling,
-                     f"{100 * other:.1f}%"])
+                     f"{_measure.median(c.step_times):.2f}", f"{100 * closure_share:.1f}%",
+                     f"{100 * (1 - closure_share):.1f}% ({c.outside_closures_s():.3f} s)", sweeps_cell])
     adapters = workload.trainable_count()
     total = sum(p.numel() for p in workload.model.parameters())
     forward_s = _measure.median([t for c in configs.values() for t in c.forward_times])
@@ -325,7 +319,7 @@ def write_report(configs: Dict[str, SpeedConfig], args: argparse.Namespace, work
     lines = [
         "# Time per step in forward-equivalents",
         "",
-        _measure.environment_markdown(info, _measure.command_line("benchmarks/speed.py", argv), load_after),
+        _measure.environment_markdown(info, _measure.command_line("benchmarks.speed", argv), load_after),
         f"- Workload: open_clip `{args.model}`, random weights ({total:,} parameters), MoE adapters in every block "
         f"of both towers ({adapters:,} trainable), backbone frozen; batch {args.batch} images, {args.prompts} "
         f"text prompts per step; training mode; {args.threads} torch thread(s). One no-grad forward: median "
@@ -333,13 +327,15 @@ def write_report(configs: Dict[str, SpeedConfig], args: argparse.Namespace, work
         f"- Method: {args.repeats} interleaved repeats after one warm-up step each; every step is timed right "
         "after a no-grad forward on the same batch, and *measured* is the median of step / forward. *vs theory* "
         "divides by the theoretical forward count where every pass is a no-grad forward. Shares are medians of "
-        "the time inside closure calls (the forwards), inside `DirectionGenerator.sample` (regenerating z), and "
-        "the rest (backward for FO groups; writing perturbations, restores and updates for ZO groups). "
+        "the time inside closure calls (the forwards, timed by wrapping the closure) and outside them: the "
+        "optimizer's own overhead (drawing directions, writing perturbations, restores and updates) plus, for FO "
+        "groups, the backward. *Direction sweeps* are the full passes of direction generation over the ZO "
+        "parameters per step, as hybridzo reports them in `last_step_info['direction_sweeps']`. "
         "FO rows have no forward-only theory: one forward with autograd plus a backward that, through a frozen "
         "backbone, forms activation gradients only.",
         "",
         _measure.markdown_table(["config", "what", "ZO groups", "theory (fwd)", "measured (fwd-eq)", "vs theory",
-                                 "median step (s)", "in closures", "regenerating z", "other"],
+                                 "median step (s)", "in closures", "outside closures", "direction sweeps"],
                                 rows, "lllrrrrrrr"),
         "",
         "## Ratios",
@@ -355,7 +351,7 @@ def write_report(configs: Dict[str, SpeedConfig], args: argparse.Namespace, work
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Time the selected configurations and write the markdown report (and a JSON of the raw times)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="ViT-B-16", help=MODEL_CHOICES_HELP)
     parser.add_argument("--batch", type=int, default=4, help="images per step")
     parser.add_argument("--prompts", type=int, default=10, help="text prompts encoded per step (classes per task)")
@@ -375,8 +371,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     report = write_report(configs, args, workload, info, _measure.load_average(), argv)
     _measure.write_text(args.out, report)
     raw = {name: {"step_s": c.step_times, "forward_s": c.forward_times,
-                  "closure_s": [t.closure_s for t in c.timers], "sampling_s": [t.sampling_s for t in c.timers],
-                  "closure_calls": [t.closure_calls for t in c.timers]} for name, c in configs.items()}
+                  "closure_s": [t.closure_s for t in c.timers], "closure_calls": [t.closure_calls for t in c.timers],
+                  "direction_sweeps": [t.direction_sweeps for t in c.timers]} for name, c in configs.items()}
     _measure.write_text(args.out.with_suffix(".json"), json.dumps({"environment": info, "raw": raw}, indent=1) + "\n")
     print(report)
     return raw

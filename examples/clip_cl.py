@@ -5,17 +5,17 @@ Vision-Language Models" (MoE-Adapters4CL with ZO on one CLIP branch, on interlea
 ZO-FC (ZO on a small parallel adapter, FO on a linear classifier), at paper scale on a GPU or at CPU scale
 with a tiny CLIP pretrained offline.
 
-Examples (from the repository root)::
+Examples (from the repository root, after ``pip install -e ".[examples]"``)::
 
     # FO baseline and MoZO on odd layers of both towers, tiny CLIP on 2 CPU cores (< 30 min each)
-    python examples/clip_cl.py --preset cpu --zo-branch none --out runs/cpu-fo
-    python examples/clip_cl.py --preset cpu --zo-branch dual --zo-layers hop-odd --mozo --out runs/cpu-mozo
+    python -m examples.clip_cl --preset cpu --zo-branch none --out runs/cpu-fo
+    python -m examples.clip_cl --preset cpu --zo-branch dual --zo-layers hop-odd --mozo --out runs/cpu-mozo
 
     # ZO-FC: ZO on a rank-5 adapter in the first 5 vision blocks, FO linear head
-    python examples/clip_cl.py --preset zofc
+    python -m examples.clip_cl --preset zofc
 
     # The paper's setting on a GPU: ViT-B/16 (OpenAI weights), CIFAR-100 Inc10
-    python examples/clip_cl.py --preset paper --zo-branch language --zo-layers hop-even
+    python -m examples.clip_cl --preset paper --zo-branch language --zo-layers hop-even
 
 Writes ``results.json`` (config, class order, tasks, accuracy matrix, Last/Avg/forgetting, pass counts, time,
 peak memory, per-step losses) and ``accuracy_loss.png`` to ``--out``.
@@ -31,37 +31,22 @@ import re
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+from .branches import ZO_BRANCHES
+
+if TYPE_CHECKING:
+    import numpy as np
+    from torch import nn
+
+    from .protocol import OptimConfig
+
+# torch, open_clip and the modules that import them are imported by the functions that use them, after the
+# command line is parsed, so that --help and argument errors answer at once.
 
 EXAMPLES_DIR = Path(__file__).resolve().parent
-# The examples import each other as plain modules; hybridzo is taken from the checkout if not installed.
-if str(EXAMPLES_DIR) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES_DIR))
-if str(EXAMPLES_DIR.parent) not in sys.path:
-    sys.path.append(str(EXAMPLES_DIR.parent))
-
-import numpy as np  # noqa: E402
-import open_clip  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from adapters import add_lora, add_moe_adapters, add_parallel_adapter, freeze_backbone  # noqa: E402
-from data import class_order, load_cifar100, load_image_folder, split_tasks  # noqa: E402
-from plots import plot_accuracy_and_loss  # noqa: E402
-from protocol import (  # noqa: E402
-    ZO_BRANCHES,
-    LinearHeadClassifier,
-    OptimConfig,
-    TextPromptClassifier,
-    TrainConfig,
-    average_accuracy,
-    forgetting,
-    last_accuracy,
-    run_class_incremental,
-)
-
 TINY_CHECKPOINT = EXAMPLES_DIR / "checkpoints" / "tiny_clip.pt"
-"""Checkpoint loaded by ``--model tiny`` (written by ``python examples/tiny_clip.py pretrain``)."""
+"""Checkpoint loaded by ``--model tiny`` (written by ``python -m examples.tiny_clip pretrain``)."""
 
 MOZO_VISION_EPS_RATIO = 0.5
 """With ``--mozo`` and no ``--eps-vision``: eps of the vision tower = this ratio * ``--eps-language``."""
@@ -72,26 +57,18 @@ IMAGE_FOLDER_DATASETS = {
     "imagenet-r": ("imagenet-r", "train", "test"),
 }
 
-# Notes on the CPU presets:
-# * Batch 32 and lr 1e-2 instead of the paper's 128 and 1e-3. The tiny CLIP hardly knows the 50 classes it
-#   learns (3% zero-shot among them, chance 2%), unlike ViT-B/16 on CIFAR-100, so its adapters need more and
-#   larger steps than one epoch of 40 steps per task gives: measured (first checkpoint) FO baseline, 5 tasks,
-#   batch 128, lr 1e-3: Last 4.1%; first 2 tasks: batch 128 / lr 1e-2: Last 10.2%, batch 32 / lr 3e-3:
-#   17.7%, batch 32 / lr 1e-2: 24.1%.
-# * One torch thread: the tiny model's many small kernels each end in a barrier across threads, and on cores
-#   shared with other processes a descheduled thread stalls every barrier (measured: a MoZO step 3-6x slower
-#   with 2 threads than with 1 while another job was running).
-# * --freeze-seen-prompts. With no zero-shot transfer to the new classes, each class's prompt feature is learnt
-#   during its task, and re-encoding it through language adapters trained on later tasks overwrites it: FO
-#   baseline, first checkpoint, Last 7.50% re-encoding, 14.92% frozen (lr 3e-3 or 1e-3 instead of 1e-2 did not
-#   help: 7.50%, 5.44%). The paper preset re-encodes every prompt, as MoE-Adapters4CL does.
+# The CPU presets adapt the paper's recipe to the tiny CLIP, which does not know the classes it learns: batch 32
+# and lr 1e-2 (its adapters need more and larger steps), one torch thread (its many small kernels stall on shared
+# cores), and frozen prompts of seen classes (their features are learnt, and re-encoding overwrites them). The
+# measurements behind each choice are in benchmarks/README.md ("Tuning the CPU presets").
 _TINY_CIFAR = dict(model="tiny", dataset="cifar100", first_class=50, batch_size=32, lr=1e-2, threads=1,
                    freeze_seen_prompts=True)
 PRESETS: dict[str, dict[str, Any]] = {
-    # Quick end-to-end check (used by the test suite): 2 tasks x 5 classes, a few steps each.
+    # Quick end-to-end check (used by the test suite): 2 tasks x 5 classes, a few steps each, with a small hybrid
+    # (MoZO on the odd layers of both towers, FO on the even ones) so that both ZO and FO paths run.
     "smoke": dict(
         _TINY_CIFAR, adapter="moe", tasks=2, classes_per_task=5, max_train_per_class=32, max_test_per_class=20,
-        warmup=2,
+        warmup=2, zo_branch="dual", zo_layers="hop-odd", mozo=True,
     ),
     # CPU scale: the tiny CLIP (pretrained on the first 50 classes) learns the other 50 as 5 tasks of 10.
     "cpu": dict(_TINY_CIFAR, adapter="moe", tasks=5, classes_per_task=10, max_test_per_class=100),
@@ -121,7 +98,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface (defaults are the paper's settings; ``--preset`` replaces some)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=_HelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m examples.clip_cl", description=__doc__.split("\n\n")[0],
+                                     formatter_class=_HelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS),
                         help="fill defaults for a setting: " + "; ".join(
                             f"{name}: {', '.join(f'{k}={v}' for k, v in values.items())}"
@@ -191,9 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     zo.add_argument("--zo-layers", default="all",
                     help="layers of those towers that are ZO, numbered from 1: all, hop-odd, hop-even, "
                          "prefix:K or suffix:K (the other layers stay FO)")
-    zo.add_argument("--mozo", action="store_true",
+    zo.add_argument("--mozo", action=argparse.BooleanOptionalAction, default=False,
                     help="MoZO: --sign coordinate, --conservative, and --eps-vision = "
-                         f"{MOZO_VISION_EPS_RATIO} x --eps-language unless given explicitly")
+                         f"{MOZO_VISION_EPS_RATIO} x --eps-language unless given explicitly (on in the smoke "
+                         "preset)")
     zo.add_argument("--sign", default=None, choices=["none", "coordinate", "scalar"],
                     help="sign normalisation of the ZO estimate: none, coordinate (element-wise, MoZO) or "
                          "scalar (default: coordinate with --mozo, else none)")
@@ -230,6 +209,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.eps_vision is None:
         args.eps_vision = args.eps_language * (MOZO_VISION_EPS_RATIO if args.mozo else 1.0)
     if args.device is None:
+        import torch
+
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.out is None:
         placement = "fo" if args.zo_branch == "none" else f"zo-{args.zo_branch}-{args.zo_layers.replace(':', '')}"
@@ -250,6 +231,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def optim_config_from_args(args: argparse.Namespace) -> OptimConfig:
     """The ZO/FO placement and optimizer hyperparameters selected by resolved ``args``."""
+    from .protocol import OptimConfig
+
     return OptimConfig(
         lr=args.lr,
         fo_rule=args.fo_rule,
@@ -280,9 +263,11 @@ def checkpoint_file(args: argparse.Namespace) -> Path | None:
 
 def load_model(args: argparse.Namespace) -> tuple[nn.Module, Callable, Callable, Callable]:
     """Return ``(model, preprocess_train, preprocess_eval, tokenizer)`` for ``--model``/``--pretrained``."""
+    import open_clip
+
     random_weights = args.pretrained is not None and args.pretrained.lower() == "none"
     if args.model == "tiny":
-        from tiny_clip import build_tiny_clip, load_tiny_clip, make_tokenizer, make_transforms
+        from .tiny_clip import build_tiny_clip, load_tiny_clip, make_tokenizer, make_transforms
 
         if random_weights:
             return build_tiny_clip(), *make_transforms(), make_tokenizer()
@@ -294,6 +279,8 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, Callable, Callable,
 
 def add_adapters(model: nn.Module, args: argparse.Namespace) -> list[str]:
     """Attach the ``--adapter`` units to ``model`` and return their parameter names."""
+    from .adapters import add_lora, add_moe_adapters, add_parallel_adapter
+
     if args.adapter == "moe":
         return add_moe_adapters(model, num_experts=args.num_experts, top_k=args.top_k, bottleneck=args.bottleneck)
     if args.adapter == "lora":
@@ -315,6 +302,8 @@ def _wnid_names(folder: Path) -> dict[str, str]:
 
 def load_datasets(args: argparse.Namespace) -> tuple[Any, Any]:
     """Return ``(train, test)`` datasets of ``--dataset`` under ``--data-root``."""
+    from .data import load_cifar100, load_image_folder
+
     root = Path(args.data_root).expanduser()
     if args.dataset == "cifar100":
         return load_cifar100(root, train=True, download=args.download), load_cifar100(root, train=False)
@@ -352,6 +341,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         The results dict written to ``results.json``.
     """
     args = parse_args(argv)
+    import torch
+
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device} requested but CUDA is not available; pass --device cpu")
     threads_before = torch.get_num_threads()
@@ -365,6 +356,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
     """The body of :func:`main` for parsed ``args``."""
+    import numpy as np
+    import open_clip
+    import torch
+
+    from .adapters import freeze_backbone
+    from .data import class_order, split_tasks
+    from .plots import plot_accuracy_and_loss
+    from .protocol import (
+        LinearHeadClassifier,
+        TextPromptClassifier,
+        TrainConfig,
+        average_accuracy,
+        forgetting,
+        last_accuracy,
+        run_class_incremental,
+    )
+
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -415,7 +423,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]
     )
 
     results = {
-        "command": "python examples/clip_cl.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m examples.clip_cl " + shlex.join(sys.argv[1:] if argv is None else argv),
         "config": vars(args),
         "class_order": order,
         "tasks": tasks,

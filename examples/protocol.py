@@ -5,7 +5,7 @@ Three parts:
 * **Metrics** over an accuracy matrix (pure numpy functions): Last, Avg (MoE-Adapters4CL) and average
   forgetting.
 * **Optimizer placement**: which trainable parameters are optimised zeroth-order (ZO) and which first-order
-  (FO), built with :mod:`hybridzo.groups` from a :class:`OptimConfig` ("ZO on the vision/language/both
+  (FO), built with :func:`hybridzo.build_param_groups` from a :class:`OptimConfig` ("ZO on the vision/language/both
   branches, on these layers, with these eps").
 * **The training loop** :func:`run_class_incremental`: for every task, train on its classes, then evaluate on
   the test images of every class seen so far (no task identity at test time).
@@ -43,21 +43,14 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from adapters import LinearHead
-from data import ImageDataset, indices_of_classes
-from hybridzo import HybridZOOptimizer
-from hybridzo.groups import GroupRule, build_param_groups, describe_groups
+from hybridzo import GroupRule, HybridZOOptimizer, build_param_groups, describe_groups
+
+from .adapters import LinearHead
+from .branches import BRANCH_PATTERNS, BRANCH_TOWERS, ZO_BRANCHES
+from .data import ImageDataset, indices_of_classes
 
 PROMPT_TEMPLATE = "a bad photo of a {}."
 """Text prompt of every class, as in MoE-Adapters4CL."""
-
-BRANCH_PATTERNS = {"vision": r"^visual\.", "language": r"^transformer\."}
-"""Parameter-name regex of each CLIP tower in open_clip (adapter names keep these prefixes)."""
-
-ZO_BRANCHES = ("none", "dual", "vision", "language")
-"""Values of :attr:`OptimConfig.zo_branch`: which towers are optimised zeroth-order."""
-
-_BRANCHES_OF = {"none": (), "dual": ("vision", "language"), "vision": ("vision",), "language": ("language",)}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -169,11 +162,11 @@ class OptimConfig:
     @property
     def zo_towers(self) -> tuple[str, ...]:
         """The towers (``"vision"``, ``"language"``) that hold ZO groups."""
-        return _BRANCHES_OF[self.zo_branch]
+        return BRANCH_TOWERS[self.zo_branch]
 
 
 def placement_rules(config: OptimConfig) -> list[GroupRule]:
-    """Return one ZO :class:`~hybridzo.groups.GroupRule` per ZO tower of ``config`` (none for ``"none"``).
+    """Return one ZO :class:`~hybridzo.GroupRule` per ZO tower of ``config`` (none for ``"none"``).
 
     Each rule selects the trainable parameters of its tower (``^visual\\.`` or ``^transformer\\.``) in
     ``config.zo_layers``, with that tower's eps and the shared ZO learning rate, rule and sign.
@@ -453,7 +446,7 @@ class ContinualRecord:
         peak_memory_mib: Peak memory in MiB: ``torch.cuda.max_memory_allocated`` on a GPU, else the
             process's peak resident set size (``getrusage``; includes the data held in memory).
         peak_memory_kind: ``"cuda_max_allocated"`` or ``"cpu_peak_rss"``.
-        groups: :func:`hybridzo.groups.describe_groups` table of the first task's param groups.
+        groups: :func:`hybridzo.describe_groups` table of the first task's param groups.
     """
 
     acc_matrix: np.ndarray

@@ -8,7 +8,7 @@ for 32x32 images and the standard causal text tower with open_clip's bundled BPE
 
 Pretrain (about 17 minutes on 2 CPU cores; see examples/checkpoints/README.md for the stored checkpoint)::
 
-    python examples/tiny_clip.py pretrain --data-root /work/shared/data \\
+    python -m examples.tiny_clip pretrain --data-root ../shared/data \\
         --out examples/checkpoints/tiny_clip.pt --minutes 16 --threads 1
 
 Load::
@@ -36,7 +36,7 @@ from open_clip.tokenizer import SimpleTokenizer
 from torchvision import transforms
 from tqdm import tqdm
 
-from data import class_order, load_cifar100
+from .data import class_order, load_cifar100
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
@@ -120,7 +120,7 @@ def make_transforms(image_size: int = 32) -> tuple[Callable, Callable]:
 def load_tiny_clip(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[open_clip.CLIP, Callable, Callable, SimpleTokenizer]:
-    """Load a checkpoint written by ``python examples/tiny_clip.py pretrain``.
+    """Load a checkpoint written by ``python -m examples.tiny_clip pretrain``.
 
     Args:
         path: Checkpoint file (config + fp16 state dict + metadata).
@@ -133,7 +133,7 @@ def load_tiny_clip(
     if not path.is_file():
         raise FileNotFoundError(
             f"tiny CLIP checkpoint {path} not found; create it with "
-            "`python examples/tiny_clip.py pretrain --data-root <dir with cifar-100-python> --out {path}`"
+            "`python -m examples.tiny_clip pretrain --data-root <dir with cifar-100-python> --out {path}`"
         )
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     config = checkpoint["config"]
@@ -346,7 +346,7 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
     elapsed = time.monotonic() - start_time
     metadata = {
         "seed": args.seed,
-        "command": "python " + shlex.join(sys.argv),
+        "command": "python -m examples.tiny_clip " + shlex.join(sys.argv[1:]),
         "arguments": {k: str(v) for k, v in vars(args).items() if k != "func"},
         "pretrain_classes": seen_classes,
         "steps": step,
@@ -371,7 +371,7 @@ def pretrain(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m examples.tiny_clip", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("pretrain", help="pretrain on CIFAR-100's first 50 classes of class_order(100)")
     p.add_argument("--data-root", default="data", help="folder containing cifar-100-python/ (default: data)")

@@ -2,16 +2,12 @@
 
 import copy
 import re
-import sys
-from pathlib import Path
 
 import open_clip
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-
-from adapters import (  # noqa: E402
+from examples.adapters import (
     AdaptedResidualAttentionBlock,
     LinearHead,
     MoEAdapter,

@@ -3,7 +3,8 @@
 The benchmarks themselves are not tests (they take minutes to hours); this runs each script once with
 ``python -m benchmarks --preset smoke``'s arguments (a 4-block CLIP, one repeat, one accuracy row with the
 examples' smoke preset). The scripts run in parallel subprocesses to keep the whole file well under a
-minute on two cores. The accuracy script is skipped when the tiny CLIP checkpoint or CIFAR-100 is missing.
+minute on two cores; those runs are marked ``slow``. The accuracy script is skipped when the tiny CLIP checkpoint
+or CIFAR-100 is missing, the PyPI ``mezo`` row of the speed script when that optional peer is not installed.
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ from typing import Dict, Tuple
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+from benchmarks.__main__ import SCRIPTS, script_arguments
+from benchmarks.accuracy import DEFAULT_DATA_ROOT, TINY_CHECKPOINT
 
-from benchmarks.__main__ import SCRIPTS, script_arguments  # noqa: E402
-from benchmarks.accuracy import DEFAULT_DATA_ROOT, TINY_CHECKPOINT  # noqa: E402
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 ACCURACY_INPUTS_PRESENT = TINY_CHECKPOINT.is_file() and (DEFAULT_DATA_ROOT / "cifar-100-python").is_dir()
 EXPECTED_FILES = {
@@ -49,6 +49,7 @@ def smoke_runs(tmp_path_factory: pytest.TempPathFactory) -> Tuple[Path, Dict[str
     return out_dir, outcomes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_script_writes_its_report(smoke_runs: Tuple[Path, Dict[str, Tuple[int, str]]], script: str) -> None:
     if script == "accuracy" and not ACCURACY_INPUTS_PRESENT:
@@ -63,12 +64,43 @@ def test_script_writes_its_report(smoke_runs: Tuple[Path, Dict[str, Tuple[int, s
     assert report.startswith("# ") and "\n| --- |" in report and "git commit" in report
 
 
+@pytest.mark.slow
+def test_speed_compares_against_pypi_mezo(smoke_runs: Tuple[Path, Dict[str, Tuple[int, str]]]) -> None:
+    pytest.importorskip("mezo", reason="PyPI mezo, an optional peer: pip install --no-deps mezo==0.0.1 (.ci/run does)")
+    out_dir, outcomes = smoke_runs
+    assert outcomes["speed"][0] == 0, outcomes["speed"][1][-3000:]
+    report = (out_dir / "speed.md").read_text()
+    assert "| `mezo-pkg` | PyPI mezo.update |" in report
+    assert "| hybridzo / PyPI mezo, adapters | not measured |" not in report
+
+
 def test_main_lists_every_script_without_running() -> None:
     done = subprocess.run([sys.executable, "-m", "benchmarks", "--preset", "smoke", "--dry-run"], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     for name in SCRIPTS:
-        assert f"benchmarks/{name}.py" in done.stdout
+        assert f"== python -m benchmarks.{name} " in done.stdout
+
+
+def test_help_describes_preset_and_out_dir() -> None:
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "--help"], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    text = " ".join(done.stdout.split())  # argparse wraps help to the terminal width
+    assert "--preset {cpu,paper,smoke} cpu: what benchmarks/results/ holds" in text
+    assert "--out-dir OUT_DIR folder for the reports" in text
+
+
+def test_accuracy_rows_place_zo_alike_under_the_smoke_and_cpu_presets() -> None:
+    from benchmarks.accuracy import ROWS
+    from examples.clip_cl import parse_args
+
+    def placement(row, preset):  # the smoke preset's own MoZO hop-odd placement must not leak into the rows
+        args = parse_args(row.arguments(preset))
+        return args.zo_branch, args.zo_layers, args.mozo, args.sign, args.conservative, args.queries
+
+    for row in ROWS.values():
+        assert placement(row, "smoke") == placement(row, "cpu"), row.name
 
 
 def _fake_result(last: float, avg: float) -> dict:
@@ -105,6 +137,7 @@ def test_accuracy_report_only_tabulates_finished_rows(tmp_path: Path) -> None:
     assert json.loads(out.with_suffix(".json").read_text())["rows"]["moe-dual"]["last"] == 12.5
 
 
+@pytest.mark.slow
 def test_memory_keep_from_adds_a_configuration_to_an_earlier_run(
     smoke_runs: Tuple[Path, Dict[str, Tuple[int, str]]], tmp_path: Path
 ) -> None:

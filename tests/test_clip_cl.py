@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -10,13 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "examples"))
-
-import clip_cl  # noqa: E402
-from adapters import add_moe_adapters, add_parallel_adapter, freeze_backbone  # noqa: E402
-from data import LabeledImages  # noqa: E402
-from protocol import (  # noqa: E402
+from examples import clip_cl
+from examples.adapters import add_moe_adapters, add_parallel_adapter, freeze_backbone
+from examples.data import LabeledImages
+from examples.protocol import (
     LinearHeadClassifier,
     OptimConfig,
     TextPromptClassifier,
@@ -25,7 +23,9 @@ from protocol import (  # noqa: E402
     run_class_incremental,
     warmup_cosine,
 )
-from tiny_clip import build_tiny_clip, make_tokenizer  # noqa: E402
+from examples.tiny_clip import build_tiny_clip, make_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
 
 DATA_ROOT = Path(os.environ.get("HYBRIDZO_DATA_ROOT", REPO.parent / "shared" / "data"))
 NUM_LAYERS = 4
@@ -122,6 +122,11 @@ def test_preset_fills_defaults_and_flags_override():
     assert (args.model, args.tasks, args.classes_per_task, args.first_class) == ("tiny", 2, 5, 50)
     assert args.batch_size == 8
     assert args.freeze_seen_prompts
+    # The smoke preset is a small hybrid, MoZO on the odd layers of both towers, so the quick check runs ZO.
+    assert (args.zo_branch, args.zo_layers, args.mozo, args.sign, args.conservative) == (
+        "dual", "hop-odd", True, "coordinate", True)
+    fo = clip_cl.parse_args(["--preset", "smoke", "--zo-branch", "none", "--no-mozo"])
+    assert (fo.zo_branch, fo.mozo, fo.sign, fo.conservative) == ("none", False, "none", False)
     assert not clip_cl.parse_args(["--preset", "smoke", "--no-freeze-seen-prompts"]).freeze_seen_prompts
     paper = clip_cl.parse_args(["--preset", "paper"])
     assert paper.pretrained == "openai" and not paper.freeze_seen_prompts
@@ -148,7 +153,7 @@ def synthetic_images(num_classes: int = 4, per_class: int = 6) -> LabeledImages:
 
 @pytest.mark.parametrize("classifier_kind", ["text", "linear"])
 def test_run_class_incremental_records_a_consistent_history(classifier_kind):
-    from tiny_clip import make_transforms
+    from examples.tiny_clip import make_transforms
 
     adapter = "moe" if classifier_kind == "text" else "parallel"
     model = small_clip(adapter)
@@ -220,28 +225,59 @@ def test_freeze_seen_prompts_keeps_old_class_rows(freeze):
     torch.testing.assert_close(scored[:, :2], old_logits if freeze else new_logits[:, :2])
 
 
-@pytest.mark.slow
-def test_smoke_preset_end_to_end(tmp_path):
+def run_smoke(out: Path, *flags: str) -> dict:
+    """``python -m examples.clip_cl --preset smoke`` in-process; checks what every run writes."""
     if not clip_cl.TINY_CHECKPOINT.is_file():
         pytest.skip(f"tiny CLIP checkpoint {clip_cl.TINY_CHECKPOINT} not found")
     if not (DATA_ROOT / "cifar-100-python" / "train").is_file():
         pytest.skip(f"CIFAR-100 not found under {DATA_ROOT} (set HYBRIDZO_DATA_ROOT)")
-    results = clip_cl.main(["--preset", "smoke", "--data-root", str(DATA_ROOT), "--zo-branch", "dual",
-                            "--zo-layers", "hop-odd", "--mozo", "--no-progress", "--out", str(tmp_path)])
+    results = clip_cl.main(["--preset", "smoke", "--data-root", str(DATA_ROOT), "--no-progress", "--out", str(out),
+                            *flags])
 
-    assert (tmp_path / "accuracy_loss.png").stat().st_size > 0
-    written = json.loads((tmp_path / "results.json").read_text())
+    assert (out / "accuracy_loss.png").stat().st_size > 0
+    written = json.loads((out / "results.json").read_text())
     assert written["last"] == results["last"]
+    assert written["command"].startswith("python -m examples.clip_cl --preset smoke ")
     num_tasks = 2
     assert np.array(written["acc_matrix"], dtype=float).shape == (num_tasks, num_tasks)
     assert written["acc_matrix"][0][1] is None
     assert len(written["tasks"]) == num_tasks and all(len(task) == 5 for task in written["tasks"])
     assert len(written["seen_acc"]) == num_tasks
     assert written["steps"] == len(written["losses"]) > 0
-    assert written["forward_passes"] >= written["steps"]
     assert written["backward_passes"] == written["steps"]
     assert 0.0 <= written["last"] <= 100.0
-    assert written["config"]["sign"] == "coordinate" and written["config"]["conservative"] is True
+    return written
+
+
+@pytest.mark.slow
+def test_smoke_preset_end_to_end_runs_a_mozo_hybrid(tmp_path):
+    written = run_smoke(tmp_path)
+    config = written["config"]
+    assert (config["zo_branch"], config["zo_layers"], config["mozo"]) == ("dual", "hop-odd", True)
+    assert config["sign"] == "coordinate" and config["conservative"] is True
+    # One FO pass with backward, then the conservative ZO step's 4 forwards: theta +/- eps z, theta -/+ Delta.
+    assert written["forward_passes"] == 5 * written["steps"]
+
+
+@pytest.mark.slow
+def test_smoke_preset_end_to_end_all_fo(tmp_path):
+    written = run_smoke(tmp_path, "--zo-branch", "none", "--no-mozo")
+    assert written["config"]["zo_branch"] == "none"
+    assert written["forward_passes"] == written["steps"]
+
+
+def test_help_answers_before_importing_torch():
+    code = ("import runpy, sys\n"
+            "sys.argv = ['clip_cl', '--help']\n"
+            "try:\n"
+            "    runpy.run_module('examples.clip_cl', run_name='__main__')\n"
+            "except SystemExit as stop:\n"
+            "    assert stop.code == 0, stop.code\n"
+            "print(sorted(m for m in ('torch', 'open_clip', 'numpy', 'hybridzo') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "--zo-branch {none,dual,vision,language}" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_image_folder_dataset_gets_words_for_wordnet_ids(tmp_path):

@@ -1,6 +1,6 @@
 """Tests for examples/data.py: class orders, task splits and the CIFAR-100 / ImageFolder loaders."""
 
-import sys
+import os
 from pathlib import Path
 
 import numpy as np
@@ -8,9 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-
-from data import (  # noqa: E402
+from examples.data import (
     CLASS_ORDER_SEED,
     ImageDataset,
     LabeledImages,
@@ -21,7 +19,7 @@ from data import (  # noqa: E402
     split_tasks,
 )
 
-CIFAR_ROOT = Path("/work/shared/data")
+CIFAR_ROOT = Path(os.environ.get("HYBRIDZO_DATA_ROOT", Path(__file__).resolve().parents[2] / "shared" / "data"))
 needs_cifar = pytest.mark.skipif(
     not (CIFAR_ROOT / "cifar-100-python" / "train").is_file(), reason="CIFAR-100 not available"
 )

@@ -139,6 +139,29 @@ def test_importing_hybridzo_imports_no_framework():
     assert result.stdout.strip() == "[]"
 
 
+@pytest.mark.parametrize("module, absent", [
+    ("transformers", ["transformers"]),
+    ("transformers", ["accelerate"]),
+    ("accelerate", ["accelerate"]),
+    ("lightning", ["lightning", "pytorch_lightning"]),
+])
+def test_an_integration_without_its_framework_names_the_extra_and_the_package(module, absent):
+    # A fresh interpreter in which the frameworks in `absent` cannot be imported (None in sys.modules).
+    code = (
+        f"import sys\nsys.modules.update(dict.fromkeys({absent}))\n"
+        "try:\n"
+        f"    import hybridzo.integrations.{module}\n"
+        "except ImportError as error:\n"
+        "    print(type(error).__name__, error.name, '|', error)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    kind, name, message = result.stdout.replace(" | ", " ", 1).split(" ", 2)
+    assert (kind, name) == ("ModuleNotFoundError", absent[0])
+    assert f"hybridzo.integrations.{module} needs the package {absent[0]!r}" in message
+    assert 'pip install "hybridzo[integrations]"' in message
+
+
 # ------------------------------------------------------------------ Lightning
 
 

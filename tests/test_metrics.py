@@ -1,15 +1,11 @@
 """Continual-learning metrics of examples/protocol.py on hand-computed accuracy matrices."""
 
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-
-from protocol import average_accuracy, forgetting, last_accuracy  # noqa: E402
+from examples.protocol import average_accuracy, forgetting, last_accuracy
 
 NAN = math.nan
 

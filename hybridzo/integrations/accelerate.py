@@ -14,9 +14,13 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from accelerate.optimizer import AcceleratedOptimizer
-
 from ..optimizer import HybridZOOptimizer
+from . import _missing_framework
+
+try:
+    from accelerate.optimizer import AcceleratedOptimizer
+except ModuleNotFoundError as error:  # the integrations extra is not installed
+    raise _missing_framework(__name__, (error.name or "accelerate").split(".")[0]) from error
 
 __all__ = ["accelerated_step"]
 

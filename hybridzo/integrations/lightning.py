@@ -9,8 +9,8 @@ overrides the probes' ``no_grad``), call the backward hooks and ``self.log``, an
 perturbed loss. :class:`HybridZOMixin` gives the optimizer a closure that runs Lightning's closure
 for the step's first forward only and ``training_step`` alone, without autograd, for the others.
 
-The mixin does not import Lightning, so it works with ``lightning.pytorch`` and with the standalone
-``pytorch_lightning`` package alike. It relies on one private attribute of Lightning's closure,
+The mixin does not import Lightning (it only checks that one of them is installed), so it works with
+``lightning.pytorch`` and with the standalone ``pytorch_lightning`` package alike. It relies on one private attribute of Lightning's closure,
 ``_step_fn`` (``training_step`` through the strategy and precision plugin, without backward),
 present since Lightning 1.5.
 """
@@ -22,6 +22,11 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import Tensor
+
+from . import _installed, _missing_framework
+
+if not (_installed("lightning") or _installed("pytorch_lightning")):  # the integrations extra is not installed
+    raise _missing_framework(__name__, "lightning")
 
 __all__ = ["HybridZOMixin"]
 

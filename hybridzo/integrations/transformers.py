@@ -14,11 +14,16 @@ import contextlib
 from typing import Any, Dict, List, Optional
 
 import torch
-from accelerate.optimizer import AcceleratedOptimizer
 from torch import Tensor, nn
-from transformers import Trainer, TrainerCallback
 
 from ..optimizer import HybridZOOptimizer, ParamsT
+from . import _missing_framework
+
+try:
+    from accelerate.optimizer import AcceleratedOptimizer
+    from transformers import Trainer, TrainerCallback
+except ModuleNotFoundError as error:  # the integrations extra is not installed
+    raise _missing_framework(__name__, (error.name or "transformers").split(".")[0]) from error
 
 __all__ = ["HybridZOTrainer"]
 

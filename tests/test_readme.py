@@ -1,0 +1,297 @@
+"""Every ```python block of README.md runs as written, with small stand-ins for what it leaves undefined.
+
+Blocks are found anew on every run, so a block added to the README is tested without touching this file. A block
+runs in a fresh namespace that holds only stand-ins for the names it reads before defining them (``loader``,
+``model``, ``groups``, ``x``, ...; see :class:`StandIns`), never modules: a block that uses ``torch`` without
+importing it fails, as it would for a reader. The stand-ins are CPU-sized: a 32-16-10 MLP with a few batches, a
+CLIP-shaped module for the group builder, a randomly initialised 2-layer BERT built from a config (no download) for
+the Hugging Face block, a regression loader for Lightning, and a one-process gloo group for the DDP blocks. A
+section whose blocks need other stand-ins gets a subclass in :data:`SECTION_STAND_INS`. The blocks that train
+through a framework's Trainer (:data:`SLOW_SECTIONS`) are marked ``slow``.
+
+Documented substitutions (:data:`CPU_SUBSTITUTIONS`): on a machine without CUDA, the AMP block's
+``torch.autocast("cuda", ...)`` runs as ``torch.autocast("cpu", ...)``, so that bf16 autocast is exercised rather
+than disabled with a warning. Skipped blocks (:data:`SKIPPED`): none.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import re
+import sys
+from functools import cached_property
+from pathlib import Path
+from typing import Dict, List, Set, Tuple
+
+import pytest
+import torch
+from readme_blocks import README, Block, readme_blocks
+from torch import nn
+
+from hybridzo import HybridZOOptimizer
+
+REPO = README.parent
+
+
+BLOCKS = readme_blocks()
+PYTHON_BLOCKS = [block for block in BLOCKS if block.language == "python"]
+
+CPU_SUBSTITUTIONS: Dict[str, List[Tuple[str, str]]] = {
+    # bf16 autocast on the CPU instead of CUDA autocast, which torch disables (with a warning) without a GPU.
+    "AMP#0": [('torch.autocast("cuda"', 'torch.autocast("cpu"')],
+}
+"""Block id -> (old, new) text replacements applied when CUDA is not available."""
+
+SLOW_SECTIONS = {"PyTorch Lightning", "Hugging Face Trainer"}
+"""Sections whose blocks run a framework's training loop end to end (seconds each): marked ``slow``."""
+
+SKIPPED: Dict[str, str] = {}
+"""Block id -> why it cannot run in the test suite (e.g. it needs several GPUs). Keep this empty if at all possible."""
+
+
+def free_names(code: str) -> Set[str]:
+    """Names that ``code`` reads before binding them (builtins excluded): the stand-ins it needs.
+
+    Top-level statements are taken in order. An assignment reads its value before it binds its targets, so
+    ``model, opt = accelerator.prepare(model, opt)`` needs ``model`` and ``opt``; inside any other statement (a
+    loop, a ``def``, a ``with``) every name it binds counts as bound for the whole statement.
+    """
+    free: Set[str] = set()
+    bound: Set[str] = set(dir(builtins))
+    for statement in ast.parse(code).body:
+        assignment = isinstance(statement, (ast.Assign, ast.AugAssign, ast.AnnAssign))
+        targets = statement.targets if isinstance(statement, ast.Assign) else (
+            [statement.target] if assignment else [])
+        top_level_stores = {id(node) for target in targets for node in ast.walk(target)}
+        reads: Set[str] = set()
+        binds: Set[str] = set()
+        for node in ast.walk(statement):
+            if isinstance(node, ast.Name):
+                top_level_target = id(node) in top_level_stores
+                if isinstance(node.ctx, ast.Load) or (top_level_target and isinstance(statement, ast.AugAssign)):
+                    reads.add(node.id)  # `total += x` reads total first
+                if not isinstance(node.ctx, ast.Load) and not top_level_target:
+                    binds.add(node.id)
+            elif isinstance(node, ast.arg):
+                binds.add(node.arg)
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                binds.add(node.name)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                binds.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        free |= reads - bound - binds
+        bound |= binds | {node.id for target in targets for node in ast.walk(target) if isinstance(node, ast.Name)}
+    return free
+
+
+# ------------------------------------------------------------------------------------------------ stand-ins
+
+FEATURES, CLASSES, BATCH = 32, 10, 8
+
+
+def clip_shaped() -> nn.Module:
+    """Parameters named like open_clip's: ``visual.transformer.resblocks.N.*``, ``transformer.resblocks.N.*``."""
+
+    def blocks() -> nn.Module:
+        holder = nn.Module()
+        holder.resblocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(4))
+        return holder
+
+    model = nn.Module()
+    model.visual = nn.Module()
+    model.visual.transformer = blocks()
+    model.transformer = blocks()
+    model.logit_scale = nn.Parameter(torch.zeros(()))
+    return model
+
+
+class StandIns:
+    """What the README's blocks use without defining it, each built on first use (so only what a block needs)."""
+
+    @cached_property
+    def model(self) -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(FEATURES, 16), nn.ReLU(), nn.Linear(16, CLASSES))
+
+    @cached_property
+    def batches(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(0)
+        return [(torch.randn(BATCH, FEATURES, generator=generator),
+                 torch.randint(0, CLASSES, (BATCH,), generator=generator)) for _ in range(3)]
+
+    @cached_property
+    def loader(self) -> torch.utils.data.DataLoader:
+        x = torch.cat([x for x, _ in self.batches])
+        y = torch.cat([y for _, y in self.batches])
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=BATCH)
+
+    @cached_property
+    def x(self) -> torch.Tensor:
+        return self.batches[0][0]
+
+    @cached_property
+    def y(self) -> torch.Tensor:
+        return self.batches[0][1]
+
+    @cached_property
+    def x_shard(self) -> torch.Tensor:  # this rank's part of the batch; the only rank here
+        return self.x
+
+    @cached_property
+    def y_shard(self) -> torch.Tensor:
+        return self.y
+
+    @cached_property
+    def micro_batches(self) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        return list(zip(self.x.chunk(2), self.y.chunk(2)))
+
+    @cached_property
+    def criterion(self):
+        return nn.functional.cross_entropy
+
+    @cached_property
+    def groups(self) -> List[dict]:
+        return [{"params": list(self.model[0].parameters()), "mode": "zo", "eps": 1e-3},
+                {"params": list(self.model[2].parameters()), "mode": "fo", "rule": "adamw"}]
+
+    @cached_property
+    def opt(self) -> HybridZOOptimizer:
+        return HybridZOOptimizer(self.groups, lr=1e-3, seed=0)
+
+    @cached_property
+    def ddp(self) -> nn.Module:
+        """The model under DistributedDataParallel (in the section's process group), ZO parameters frozen."""
+        for group in self.opt.param_groups:
+            if group["mode"] == "zo":
+                for p in group["params"]:
+                    p.requires_grad_(False)
+        return nn.parallel.DistributedDataParallel(self.model)
+
+
+class QuickStartStandIns(StandIns):
+    """The group builder selects by open_clip parameter names."""
+
+    @cached_property
+    def model(self) -> nn.Module:
+        return clip_shaped()
+
+
+class DistributedStandIns(StandIns):
+    """The DDP blocks run in a one-process gloo group (world size 1: the same calls, nothing to agree with)."""
+
+    def __init__(self) -> None:
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+
+
+class LightningStandIns(StandIns):
+    """The Lightning block's regressor maps 16 features to one output."""
+
+    @cached_property
+    def loader(self) -> torch.utils.data.DataLoader:
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(4 * BATCH, 16, generator=generator)
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True).sin()),
+                                           batch_size=BATCH)
+
+
+class HuggingFaceStandIns(StandIns):
+    """A randomly initialised 2-layer BERT classifier built from a config (no download) and token-id examples."""
+
+    @cached_property
+    def model(self) -> nn.Module:
+        from transformers import BertConfig, BertForSequenceClassification
+
+        torch.manual_seed(0)
+        config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=32, max_position_embeddings=16, num_labels=2)
+        return BertForSequenceClassification(config)
+
+    @cached_property
+    def train_dataset(self) -> List[dict]:
+        generator = torch.Generator().manual_seed(0)
+        return [{"input_ids": torch.randint(1, 64, (8,), generator=generator),
+                 "attention_mask": torch.ones(8, dtype=torch.long), "labels": i % 2} for i in range(32)]
+
+
+SECTION_STAND_INS = {
+    "Quick start": QuickStartStandIns,
+    "Distributed data parallel": DistributedStandIns,
+    "PyTorch Lightning": LightningStandIns,
+    "Hugging Face Trainer": HuggingFaceStandIns,
+}
+"""README section -> the stand-ins its blocks run with (default: :class:`StandIns`)."""
+
+
+# -------------------------------------------------------------------------------------------------- tests
+
+
+def runnable_code(block: Block) -> str:
+    code = block.code
+    if not torch.cuda.is_available():
+        for old, new in CPU_SUBSTITUTIONS.get(block.id, []):
+            assert old in code, f"substitution {old!r} no longer matches README block {block.id}"
+            code = code.replace(old, new)
+    return code
+
+
+@pytest.fixture
+def clean_frameworks():
+    """Blocks may set up process-wide state (a process group, accelerate's singletons): drop it afterwards."""
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    if "accelerate" in sys.modules:
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
+
+def test_the_readme_has_its_python_blocks():
+    sections = {block.section for block in PYTHON_BLOCKS}
+    assert len(PYTHON_BLOCKS) >= 8
+    assert {"Quick start", "Distributed data parallel", "PyTorch Lightning", "Hugging Face Trainer",
+            "accelerate", "AMP"} <= sections
+    assert set(CPU_SUBSTITUTIONS) | set(SKIPPED) <= {block.id for block in PYTHON_BLOCKS}
+
+
+@pytest.mark.parametrize("block", [
+    pytest.param(block, id=block.id, marks=[pytest.mark.slow] if block.section in SLOW_SECTIONS else [])
+    for block in PYTHON_BLOCKS
+])
+def test_readme_block_runs(block: Block, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clean_frameworks):
+    if block.id in SKIPPED:
+        pytest.skip(SKIPPED[block.id])
+    code = runnable_code(block)
+    stand_ins = SECTION_STAND_INS.get(block.section, StandIns)()
+    namespace = {name: getattr(stand_ins, name) for name in sorted(free_names(code)) if hasattr(stand_ins, name)}
+    namespace["__name__"] = "readme"
+    monkeypatch.chdir(tmp_path)  # blocks may write (Lightning logs, the Trainer's output_dir)
+    exec(compile(code, f"README.md:{block.line}", "exec"), namespace)  # noqa: S102 - the README's own code
+
+
+def test_a_broken_block_fails():
+    """The runner reports what a reader would meet: a name used before it is defined, a failing call."""
+    stand_ins = StandIns()
+    for code, error in (("loss = model(x).sum()\nprint(torch.__version__)\n", NameError),
+                        ("opt.step(lambda: criterion(model(x), y), 'extra')\n", TypeError)):
+        namespace = {name: getattr(stand_ins, name) for name in free_names(code) if hasattr(stand_ins, name)}
+        with pytest.raises(error):
+            exec(compile(code, "broken", "exec"), namespace)  # noqa: S102
+
+
+def test_readme_links_work_on_a_package_index():
+    """The README is the package's long description: links into the repository or the page would break there."""
+    links = re.findall(r"\]\(([^)]+)\)", README.read_text())
+    assert [link for link in links if not link.startswith(("https://", "http://"))] == []
+
+
+def test_ci_runs_the_readme_test_command():
+    tests = [block for block in BLOCKS if block.section == "Tests" and block.language == "bash"]
+    commands = [line.split("#")[0].strip() for line in tests[0].code.splitlines() if line.strip()]
+    assert commands[0] == 'pip install -e ".[examples,test]"'
+    assert commands[1] == "python -m pytest -q"
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "\npython -m pytest -q\n" in ci
+    assert "tests/readme_blocks.py Tests bash" in ci  # the fresh-venv job runs the block above verbatim

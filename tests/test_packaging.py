@@ -83,6 +83,7 @@ def test_readme_quick_start_runs_from_the_wheel(artifacts, tmp_path: Path):
     assert float(loss) > 0
 
 
+@pytest.mark.peers
 def test_long_description_renders_on_a_package_index():
     reason = "needs twine's markdown renderer, readme_renderer[md] (pinned in .ci/run, not an extra)"
     renderer = pytest.importorskip("readme_renderer.markdown", reason=reason)

@@ -292,6 +292,7 @@ def test_ci_runs_the_readme_test_command():
     commands = [line.split("#")[0].strip() for line in tests[0].code.splitlines() if line.strip()]
     assert commands[0] == 'pip install -e ".[examples,test]"'
     assert commands[1] == "python -m pytest -q"
+    assert len(commands) == 2
     ci = (REPO / ".ci" / "run").read_text()
-    assert "\npython -m pytest -q\n" in ci
-    assert "tests/readme_blocks.py Tests bash" in ci  # the fresh-venv job runs the block above verbatim
+    assert 'readme_commands=$(python3 tests/readme_blocks.py Tests bash)' in ci  # the block above, verbatim
+    assert 'bash -euo pipefail -c "$readme_commands"' in ci

@@ -28,7 +28,7 @@ from .options import (
     normalize_counters,
     normalize_options,
 )
-from .rules import RULES, begin_update, check_state, finish
+from .rules import RULES, begin_update, check_state, finish, initial_state
 from .sharding import flat_view, is_prepared, local_data, local_slice
 from .zo_step import ZOStep
 
@@ -307,8 +307,8 @@ class HybridZOOptimizer(Optimizer):
                 running the step only). Without a closure, a step with FO groups only
                 uses the gradients already in ``.grad``, as ``torch.optim`` does; with ZO
                 groups, no state yet and every ``lr`` 0 (how ``torch.distributed.checkpoint``
-                initialises optimizer state) it only creates the state buffers a first step
-                would, as zeros, and advances nothing.
+                initialises optimizer state) it only creates the state entries a first step
+                reads (buffers as zeros, AdamW's step count 0) and advances nothing.
 
         Returns:
             The loss at the unperturbed parameters, averaged over data-parallel ranks,
@@ -521,12 +521,12 @@ class HybridZOOptimizer(Optimizer):
         )
 
     def _initialize_state(self) -> None:
-        """Create every state buffer a first step would (zeros), and take no step."""
+        """Create every state entry a first step would read (zeros), and take no step."""
         self._prepare_step(has_closure=True)  # validated as a step with a closure would be
         for group in self.param_groups:
             if RULES[group["rule"]].buffer_names(group):
                 for p in group["params"]:
-                    begin_update(self.state[p], p, group, commit=True)
+                    initial_state(self.state[p], p, group)
         self.last_step_info = {"forwards": 0, "backwards": 0, "chosen": None, "skipped": True,
                                "loss": None, "scalars_reduced": 0, "direction_sweeps": 0.0}
         return None

@@ -1,4 +1,5 @@
-"""Frameworks over FSDP2: Lightning's ModelParallelStrategy drives it (2 gloo processes)."""
+"""Frameworks over FSDP2: Lightning's ModelParallelStrategy drives it (2 gloo processes); accelerate's FSDP
+plugin, which applies FSDP on GPUs only and so cannot be tested here, is refused by ``accelerated_step``."""
 
 import os
 from pathlib import Path
@@ -89,3 +90,20 @@ def test_lightning_model_parallel_strategy_with_the_mixin_matches_one_process(tm
                 assert_params_close(rank[name], reference, rtol=1e-6)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_accelerated_step_refuses_the_fsdp_plugin_and_says_what_to_use(monkeypatch):
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.utils import DistributedType
+
+    from hybridzo.integrations.accelerate import accelerated_step
+
+    model = make_model()
+    accelerator = accelerate.Accelerator(cpu=True)
+    optimizer = accelerator.prepare(full_model_optimizer(model, {}))
+    # What Accelerator(fsdp_plugin=...) sets on a GPU machine; on CPU accelerate ignores the plugin.
+    monkeypatch.setattr(optimizer.accelerator_state, "distributed_type", DistributedType.FSDP)
+    with pytest.raises(NotImplementedError, match="prepare_fsdp") as error:
+        accelerated_step(optimizer, closure_for(model, DATA))
+    assert "fully_shard" in str(error.value) and "ModelParallelStrategy" in str(error.value)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), make_model().parameters()))

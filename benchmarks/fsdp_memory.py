@@ -2,10 +2,11 @@
 
 The model is a character-level transformer language model (fp32, every parameter in one ZO group, plain
 ZO-SGD with the central estimator: MeZO's step) with a small batch, so its weights are most of what a step
-holds; ``--shapes`` lists the depths and widths to measure. Each runs once in a single process on the unsharded model, and once on ``--world`` gloo processes
-with every block and the root sharded by ``fully_shard`` (``hybridzo.prepare_fsdp``), each process holding
-``1/world`` of the global batch. Every process is a fresh interpreter started with
-``MALLOC_MMAP_THRESHOLD_=65536`` (freed tensors leave the resident set) and one torch thread.
+holds; ``--shapes`` lists the depths and widths to measure. Each runs once in a single process on the
+unsharded model, and once on ``--world`` gloo processes with every block and the root sharded by
+``fully_shard`` (``hybridzo.prepare_fsdp``), each process holding ``1/world`` of the global batch. Every
+process is a fresh interpreter started with ``MALLOC_MMAP_THRESHOLD_=65536`` (freed tensors leave the
+resident set) and one torch thread.
 
 In each process, three phases, each in a steady state: the operation runs once to warm up, freed heap is
 handed back, the peak RSS is reset (``/proc/self/clear_refs``), the operation runs again and the peak is
@@ -187,9 +188,10 @@ def report(args: argparse.Namespace, runs: List[Dict[str, Any]], info: Dict[str,
             one = single["peak_mib"][phase]
             worst = max(sharded, key=lambda r: r["peak_mib"][phase])
             per_rank = worst["peak_mib"][phase]
-            above = per_rank - worst["local_weights_mib"]
+            held = worst["local_weights_mib"] * (2 if phase == "exact" else 1)  # the shard (and its anchor copy)
+            beyond = per_rank - held
             table.append([name, phase, f"{one:.1f}", f"{per_rank:.1f}",
-                          f"{above:.1f} ({above / block_mib:.1f} blocks)", f"{per_rank / one:.3f}"])
+                          f"{beyond:.1f} ({beyond / block_mib:.1f} blocks)", f"{per_rank / one:.3f}"])
     lines = [
         "# Memory of full-model ZO on FSDP2",
         "",
@@ -207,12 +209,13 @@ def report(args: argparse.Namespace, runs: List[Dict[str, Any]], info: Dict[str,
         "",
         _measure.markdown_table(
             ["model", "phase", "1 process (MiB)", f"{args.world} processes, max per process (MiB)",
-             "per process above its weights (MiB)", "ratio"], table, align="llrrrr"),
+             "per process beyond its shard (MiB)", "ratio"], table, align="llrrrr"),
         "",
         "`forward`: a no-grad forward; `exact`: `HybridZOOptimizer.step` with `restore=\"exact\"` (a copy of the "
-        "local parameters during the step); `inplace`: with `restore=\"inplace\"` (no copy). *Above its weights*: "
-        "what a process holds beyond its own shard at the peak, in MiB and in blocks of the model: mostly FSDP2's "
-        "gathered copies of the block being evaluated (its all-gather buffers and the unsharded parameters).",
+        "local parameters during the step); `inplace`: with `restore=\"inplace\"` (no copy). *Beyond its shard*: "
+        "what a process holds at the peak besides its weight shard (and, for `exact`, the step's copy of it), in "
+        "MiB and in blocks of the model: mostly FSDP2's gathered copies of the block being evaluated (all-gather "
+        "buffers and unsharded parameters), then activations and one direction chunk.",
     ]
     return "\n".join(lines) + "\n"
 

@@ -28,8 +28,8 @@ from .options import (
     normalize_counters,
     normalize_options,
 )
-from .rules import RULES, begin_update, check_state, finish
-from .sharding import flat_view, is_prepared, local_data, local_slice
+from .rules import RULES, begin_update, check_state, finish, initial_state
+from .sharding import flat_view, is_prepared, is_sharded, local_data, local_slice
 from .zo_step import ZOStep
 
 try:
@@ -263,7 +263,7 @@ class HybridZOOptimizer(Optimizer):
         elif not isinstance(params, (set, list, tuple)):
             params = list(params)  # a generator: materialise it once, for this check and torch
             group["params"] = params
-        for item in params:
+        for position, item in enumerate(params):
             tensor = item[1] if isinstance(item, tuple) else item
             if not isinstance(tensor, Tensor):
                 continue  # torch's add_param_group reports it
@@ -276,7 +276,7 @@ class HybridZOOptimizer(Optimizer):
                 try:
                     local_slice(tensor)
                 except ValueError as error:
-                    raise ValueError(f"Invalid params in {where}: {error}") from None
+                    raise ValueError(f"Invalid params in {where}, parameter {position}: {error}") from None
             adam_eps = options["adam_eps"]
             if (
                 options["rule"] == "adamw"
@@ -307,8 +307,8 @@ class HybridZOOptimizer(Optimizer):
                 running the step only). Without a closure, a step with FO groups only
                 uses the gradients already in ``.grad``, as ``torch.optim`` does; with ZO
                 groups, no state yet and every ``lr`` 0 (how ``torch.distributed.checkpoint``
-                initialises optimizer state) it only creates the state buffers a first step
-                would, as zeros, and advances nothing.
+                initialises optimizer state) it only creates the state entries a first step
+                reads (buffers as zeros, AdamW's step count 0) and advances nothing.
 
         Returns:
             The loss at the unperturbed parameters, averaged over data-parallel ranks,
@@ -321,6 +321,9 @@ class HybridZOOptimizer(Optimizer):
         Raises:
             ValueError: an invalid group value (e.g. written by a scheduler), checked before
                 anything is written.
+            ValueError: under FSDP2, a DTensor parameter of a model not passed to
+                :func:`~hybridzo.prepare_fsdp`, or a plain tensor that requires grad in an FO
+                group of a multi-process run (nothing would average its gradient over processes).
             ValueError: ``torch.amp.GradScaler.step`` with a closure or with ZO groups (an
                 FO-only optimizer steps from the scaler's unscaled gradients as torch.optim does).
             RuntimeError: sparse gradients in an FO group.
@@ -381,6 +384,7 @@ class HybridZOOptimizer(Optimizer):
         normalised values. Returns the ZO groups (with indices) and the FO groups.
         """
         normalized: List[Group] = []
+        world_size = _sharded_world_size(self.param_groups)
         for i, group in enumerate(self.param_groups):
             where = f"param group {i}"
             options = normalize_options(group, where)
@@ -397,6 +401,15 @@ class HybridZOOptimizer(Optimizer):
                         f"Invalid params in {where}, parameter {position}: an FSDP2 (DTensor) parameter of a "
                         "model not passed to hybridzo.prepare_fsdp(model); call it after fully_shard, or ZO "
                         "writes into the shards would not reach the forwards"
+                    )
+                if world_size > 1 and options["mode"] == "fo" and p.requires_grad and not is_sharded(p):
+                    raise ValueError(
+                        f"Invalid params in {where}, parameter {position}: a plain tensor in an FO group of a "
+                        f"{world_size}-process FSDP2 run (the optimizer's other parameters are DTensors). Each "
+                        "process would step it from the gradient of its own part of the batch, which nothing "
+                        "averages over processes, and its copies would drift apart; shard the module that holds "
+                        "it with fully_shard (e.g. fully_shard(model) on the root as well), or put it in a ZO "
+                        "group (ZO steps agree across processes)"
                     )
                 problem = check_state(self.state[p], p, options) if p in self.state else None
                 if problem is not None:
@@ -521,12 +534,12 @@ class HybridZOOptimizer(Optimizer):
         )
 
     def _initialize_state(self) -> None:
-        """Create every state buffer a first step would (zeros), and take no step."""
+        """Create every state entry a first step would read (zeros), and take no step."""
         self._prepare_step(has_closure=True)  # validated as a step with a closure would be
         for group in self.param_groups:
             if RULES[group["rule"]].buffer_names(group):
                 for p in group["params"]:
-                    begin_update(self.state[p], p, group, commit=True)
+                    initial_state(self.state[p], p, group)
         self.last_step_info = {"forwards": 0, "backwards": 0, "chosen": None, "skipped": True,
                                "loss": None, "scalars_reduced": 0, "direction_sweeps": 0.0}
         return None
@@ -536,6 +549,15 @@ class HybridZOOptimizer(Optimizer):
             group["steps"] += 1
             if skipped:
                 group["nonfinite_steps"] += 1
+
+
+def _sharded_world_size(param_groups: List[Group]) -> int:
+    """The number of processes of an FSDP2 run (some parameters are DTensors), else 1."""
+    if not any(is_sharded(p) for g in param_groups for p in g["params"]):
+        return 1
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return 1
+    return torch.distributed.get_world_size()
 
 
 def _check_dense_grads(group: Group, where: str) -> None:

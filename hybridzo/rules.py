@@ -34,7 +34,8 @@ from torch import Tensor
 
 from .sharding import flat_view, local_data
 
-__all__ = ["Rule", "SGD", "AdamW", "RULES", "Update", "begin_update", "finish", "theta_slope", "check_state"]
+__all__ = ["Rule", "SGD", "AdamW", "RULES", "Update", "begin_update", "initial_state", "finish", "theta_slope",
+           "check_state"]
 
 
 def theta_slope(group: Mapping[str, Any]) -> float:
@@ -191,6 +192,17 @@ def begin_update(
         name: None if state.get(name) is None else flat_view(local_data(state[name])) for name in names
     }
     return Update(rule, group, buffers, fresh, int(state.get("step", 0)) + 1, commit)
+
+
+def initial_state(state: MutableMapping[str, Any], param: Tensor, group: Mapping[str, Any]) -> None:
+    """Create every state entry a first step reads, as zeros: the rule's buffers and AdamW's ``step`` (0).
+
+    What ``torch.distributed.checkpoint`` needs before it loads a state dict, since it fills in only
+    the entries that already exist.
+    """
+    begin_update(state, param, group, commit=True)
+    if group["rule"] == "adamw":
+        state.setdefault("step", 0)
 
 
 def finish(state: MutableMapping[str, Any], update: Update) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -41,8 +41,10 @@ def is_sharded(tensor: Tensor) -> bool:
     return _DTensor is not None and isinstance(tensor, _DTensor)
 
 
-# The FSDP2 parameters of models passed to prepare_fsdp, by id (tensors cannot sit in a WeakSet).
-_PREPARED: "weakref.WeakValueDictionary[int, Tensor]" = weakref.WeakValueDictionary()
+# The FSDP2 parameters of models passed to prepare_fsdp: id -> (the module holding it, its attribute name).
+# No weak references to the parameters themselves: module.to() and other conversions swap a DTensor
+# parameter's contents in place (torch.utils.swap_tensors), which refuses tensors with weak references.
+_PREPARED: Dict[int, Tuple["weakref.ref[nn.Module]", str]] = {}
 
 
 def prepare_fsdp(model: nn.Module) -> nn.Module:
@@ -75,15 +77,28 @@ def prepare_fsdp(model: nn.Module) -> nn.Module:
     for module in modules:
         module.set_reshard_after_forward(True, recurse=False)
         module.reshard()  # while a module is gathered, parameters() returns the gathered copies
-    for param in model.parameters():
-        if is_sharded(param):
-            _PREPARED[id(param)] = param
+    for key in [key for key, (owner, _) in _PREPARED.items() if owner() is None]:
+        del _PREPARED[key]
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if is_sharded(param):
+                _PREPARED[id(param)] = (weakref.ref(module), name)
     return model
 
 
 def is_prepared(param: Tensor) -> bool:
-    """Whether ``param`` is a plain tensor or a parameter of a model passed to :func:`prepare_fsdp`."""
-    return not is_sharded(param) or _PREPARED.get(id(param)) is param
+    """Whether ``param`` is a plain tensor or a parameter of a model passed to :func:`prepare_fsdp`.
+
+    A parameter keeps its identity through ``model.to(...)`` (FSDP2 swaps its contents), so it stays
+    prepared; one that replaced a prepared parameter (e.g. ``load_state_dict(assign=True)``) is not.
+    """
+    if not is_sharded(param):
+        return True
+    entry = _PREPARED.get(id(param))
+    if entry is None:
+        return False
+    owner = entry[0]()
+    return owner is not None and getattr(owner, entry[1], None) is param
 
 
 def local_data(tensor: Tensor) -> Tensor:

@@ -184,6 +184,37 @@ class DistributedStandIns(StandIns):
             torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
 
 
+class Blocks(nn.Module):
+    """A model with ``blocks`` to shard one by one, as the FSDP2 block expects."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(FEATURES, FEATURES), nn.Tanh()) for _ in range(2))
+        self.head = nn.Linear(FEATURES, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+class FSDPStandIns(DistributedStandIns):
+    """The FSDP2 block shards a two-block model over a one-process gloo group; the part of the batch is all of it."""
+
+    @cached_property
+    def model(self) -> nn.Module:
+        torch.manual_seed(0)
+        return Blocks()
+
+    @cached_property
+    def x_part(self) -> torch.Tensor:
+        return self.x
+
+    @cached_property
+    def y_part(self) -> torch.Tensor:
+        return self.y
+
+
 class LightningStandIns(StandIns):
     """The Lightning block's regressor maps 16 features to one output."""
 
@@ -217,6 +248,7 @@ class HuggingFaceStandIns(StandIns):
 SECTION_STAND_INS = {
     "Quick start": QuickStartStandIns,
     "Distributed data parallel": DistributedStandIns,
+    "FSDP2": FSDPStandIns,
     "PyTorch Lightning": LightningStandIns,
     "Hugging Face Trainer": HuggingFaceStandIns,
 }

@@ -7,7 +7,9 @@ accumulation accelerate divides every loss passed to ``accelerator.backward`` by
 steps and, inside ``accelerator.accumulate``, skips the step (and so the closure) on all but the
 last micro-batch of each window; with fp16 mixed precision it hands the step to a gradient
 scaler, which steps without a closure. :func:`accelerated_step` returns the loss and refuses
-those two settings with an error that says what to do instead.
+those two settings with an error that says what to do instead. accelerate's FSDP plugin is
+refused too: accelerate applies FSDP on GPUs only, so that path is untested here; shard the model
+with ``fully_shard`` and :func:`hybridzo.prepare_fsdp` instead (see ``docs/distributed.md``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from . import _missing_framework
 
 try:
     from accelerate.optimizer import AcceleratedOptimizer
+    from accelerate.utils import DistributedType
 except ModuleNotFoundError as error:  # the integrations extra is not installed
     raise _missing_framework(__name__, (error.name or "accelerate").split(".")[0]) from error
 
@@ -42,6 +45,7 @@ def accelerated_step(optimizer: AcceleratedOptimizer, closure: Callable[[], Any]
         TypeError: ``optimizer`` does not wrap a HybridZOOptimizer.
         ValueError: fp16 mixed precision (a gradient scaler) or gradient accumulation is
             enabled.
+        NotImplementedError: accelerate's FSDP plugin is enabled.
     """
     if not isinstance(optimizer, AcceleratedOptimizer) or not isinstance(
         optimizer.optimizer, HybridZOOptimizer
@@ -49,6 +53,14 @@ def accelerated_step(optimizer: AcceleratedOptimizer, closure: Callable[[], Any]
         raise TypeError(
             "accelerated_step needs the AcceleratedOptimizer that accelerator.prepare returned "
             f"for a HybridZOOptimizer, got {type(optimizer).__name__}"
+        )
+    if optimizer.accelerator_state.distributed_type == DistributedType.FSDP:
+        raise NotImplementedError(
+            "accelerated_step does not support accelerate's FSDP plugin (accelerate applies FSDP on "
+            "GPUs only, so hybridzo cannot test that path). Shard the model with "
+            "torch.distributed.fsdp.fully_shard, call hybridzo.prepare_fsdp(model) and step "
+            "HybridZOOptimizer in a plain loop (examples/fsdp_zo.py), or use Lightning's "
+            "ModelParallelStrategy with HybridZOMixin; see docs/distributed.md."
         )
     if optimizer.scaler is not None:
         raise ValueError(

@@ -136,7 +136,10 @@ class HybridZOTrainer(Trainer):
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise NotImplementedError(
                 "HybridZOTrainer supports one device and DistributedDataParallel; DeepSpeed and "
-                "FSDP are not supported (see docs/distributed.md for the sharded plan)"
+                "FSDP are not supported. For a sharded model, apply torch.distributed.fsdp.fully_shard, "
+                "call hybridzo.prepare_fsdp(model) and step HybridZOOptimizer in your own loop "
+                "(examples/fsdp_zo.py), or use Lightning's ModelParallelStrategy with HybridZOMixin "
+                "(docs/distributed.md)"
             )
 
     def train(self, *args: Any, **kwargs: Any) -> Any:

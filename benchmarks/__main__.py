@@ -37,11 +37,14 @@ def script_arguments(preset: str, out_dir: Path, jobs: int = 1) -> Dict[str, Lis
     out = {name: ["--out", str(out_dir / f"{name}{suffix}.md")] for name in ("memory", "speed", "restore_memory")}
     if preset == "smoke":
         return {
-            "memory": ["--model", "micro", "--batch", "2", "--configs", "dual", "--state-model", "micro",
-                       *out["memory"]],
+            # Rows of a peer that is not installed (mezo-pkg, tz-mezo, ...) are left out, with a note.
+            "memory": ["--model", "micro", "--batch", "2", "--configs", "inference,dual,vision-limit,torchzero",
+                       "--state-model", "micro", *out["memory"]],
             "speed": ["--model", "micro", "--batch", "2", "--repeats", "1", "--configs",
-                      ",".join(["zo-central", "zo-conservative", "fo", "mezo-ref",
-                                *(["mezo-pkg"] if _measure.installed("mezo") else [])]),  # an optional peer
+                      ",".join(["zo-central", "zo-conservative", "fo", "mezo-ref", "mezo-pkg", "tz-mezo",
+                                "full-zo-central", "full-zo-inplace", "full-zo-rademacher",
+                                "full-zo-rademacher-inplace", "full-mezo-ref", "full-mezo-pkg", "full-tz-mezo",
+                                "full-tz-mezo-rademacher"]),
                       *out["speed"]],
             "restore_memory": ["--width", "64", "--depth", "2", "--batch", "4", "--placements", "adapter",
                                *out["restore_memory"]],

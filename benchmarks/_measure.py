@@ -205,7 +205,10 @@ def environment(device: str = "cpu") -> Dict[str, Any]:
         pass
     import hybridzo
 
+    from benchmarks._peers import versions as peer_versions  # here: _peers imports this module
+
     versions["hybridzo"] = hybridzo.__version__
+    versions.update(peer_versions())
     commit = _git("rev-parse", "--short=12", "HEAD") or "unknown"
     if _git("status", "--porcelain", "--untracked-files=no"):
         commit += " (with uncommitted changes)"
@@ -257,6 +260,11 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align:
     lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(rule) + " |"]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def ratio(numerator: float, denominator: float, digits: int = 2) -> str:
+    """``numerator / denominator`` for a table cell, or ``n/a`` when the denominator is not positive."""
+    return f"{numerator / denominator:.{digits}f}" if denominator > 0 else "n/a"
 
 
 def write_text(path: Path, text: str) -> Path:

@@ -127,6 +127,7 @@ class ZOSettings:
     queries: int = 1
     eps: float = 1e-3
     restore: str = "exact"
+    distribution: str = "gaussian"
 
 
 CONSERVATIVE = ZOSettings()
@@ -159,7 +160,8 @@ def param_groups(workload: Workload, placement: Placement, fo_rule: str = "adamw
     """ZO groups for the placement's towers and layers (SGD rule) and one FO group for the rest."""
     layers = placement.resolved_layers(tower_depth(workload.model))
     zo_options = {"mode": "zo", "lr": zo_lr, "rule": "sgd", "eps": placement.settings.eps,
-                  "sign": placement.settings.sign, "restore": placement.settings.restore}
+                  "sign": placement.settings.sign, "restore": placement.settings.restore,
+                  "distribution": placement.settings.distribution}
     rules = [GroupRule(branch=BRANCH_PATTERNS[tower], layers=layers, options=zo_options, name=f"{tower}-zo")
              for tower in BRANCH_TOWERS[placement.branch]]
     return build_param_groups(workload.model.named_parameters(), rules,
@@ -168,16 +170,37 @@ def param_groups(workload: Workload, placement: Placement, fo_rule: str = "adamw
 
 def make_optimizer(workload: Workload, placement: Placement, seed: int = 0) -> HybridZOOptimizer:
     """The hybrid optimizer of a placement (AdamW for FO groups, as MoE-Adapters4CL)."""
-    settings = placement.settings
-    return HybridZOOptimizer(param_groups(workload, placement), estimator=settings.estimator,
-                             conservative=settings.conservative, queries=settings.queries, seed=seed)
+    return _optimizer(param_groups(workload, placement), placement.settings, seed)
+
+
+def _optimizer(groups: List[Dict[str, Any]], settings: ZOSettings, seed: int) -> HybridZOOptimizer:
+    return HybridZOOptimizer(groups, estimator=settings.estimator, conservative=settings.conservative,
+                             queries=settings.queries, seed=seed)
+
+
+def limit_optimizer(workload: Workload, placement: Placement, seed: int = 0) -> Optional[HybridZOOptimizer]:
+    """The placement's step with its ZO part frozen: what no ZO placement there can undercut in memory.
+
+    Sets ``requires_grad=False`` on the parameters of the placement's ZO groups and returns
+    :func:`make_optimizer`'s optimizer over the remaining (FO) groups, unchanged; ``None`` when the
+    placement has no FO group (then the step is a forward that autograd does not record).
+    """
+    groups = param_groups(workload, placement)
+    for group in groups:
+        if group["mode"] == "zo":
+            for p in group["params"]:
+                p.requires_grad_(False)
+    fo_groups = [group for group in groups if group["mode"] == "fo"]
+    if not fo_groups:
+        return None
+    return _optimizer(fo_groups, placement.settings, seed)
 
 
 def full_model_zo_optimizer(workload: Workload, settings: ZOSettings = NAIVE, seed: int = 0) -> HybridZOOptimizer:
     """Every parameter of the model, backbone included, in one ZO group (MeZO's full fine-tuning)."""
     return HybridZOOptimizer(list(workload.model.parameters()), lr=1e-9, eps=settings.eps,
                              estimator=settings.estimator, conservative=settings.conservative,
-                             restore=settings.restore, seed=seed)
+                             restore=settings.restore, distribution=settings.distribution, seed=seed)
 
 
 def group_sizes(optimizer: torch.optim.Optimizer) -> Tuple[int, int]:

@@ -4,14 +4,21 @@ Each measurement runs in a fresh Python process. After the model and batch are
 built and one forward has warmed up the allocator and kernels, the peak-memory
 counter is reset (``/proc/self/clear_refs`` on CPU, see ``_measure.PeakMemory``),
 the operation runs once, and the reported figure is the new peak minus the memory
-before the operation. Three operations on the same model and batch:
+before the operation; also reported is what is still allocated after it (state an
+optimizer keeps between steps). Operations on the same model and batch:
 
 * ``forward``: one ``torch.no_grad()`` forward (the floor for any forward-only method);
 * ``hybridzo``: one ``HybridZOOptimizer.step`` (central estimator, q=1, ``restore="exact"``);
 * ``hybridzo-inplace``: the same step with ``restore="inplace"`` (no copy of the ZO parameters);
 * ``mezo-inplace``: the MeZO loop (+eps, -2eps, +eps in place, a forward after each of the
   first two, then an update sweep), which needs no copy of the parameters but does not
-  restore them exactly.
+  restore them exactly;
+* ``mezo-pkg`` and ``torchzero``: the optional peers' MeZO steps (PyPI ``mezo.update``;
+  torchzero's MeZO module with Gaussian directions and plain SGD, see ``_peers.py``), left
+  out with a note where the peer is not installed.
+
+Each ZO step is set against the forward: the difference is what the step needs beyond
+inference, and the ratio is the step's peak over the forward's, weights excluded.
 
 Two ZO placements: every parameter ZO ("full"), and only a small adapter ZO.
 
@@ -27,9 +34,19 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from benchmarks import _measure
 from benchmarks._measure import MIB
+from benchmarks._peers import TorchzeroMeZO, leave_out_missing, mezo_package_step
 
-OPERATIONS = ("forward", "hybridzo", "hybridzo-inplace", "mezo-inplace")
+OPERATIONS = ("forward", "hybridzo", "hybridzo-inplace", "mezo-inplace", "mezo-pkg", "torchzero")
+PEER_OF = {"mezo-pkg": "mezo", "torchzero": "torchzero"}
 PLACEMENTS = ("full", "adapter")
+LABELS = {
+    "forward": "no-grad forward",
+    "hybridzo": "hybridzo step, restore='exact'",
+    "hybridzo-inplace": "hybridzo step, restore='inplace'",
+    "mezo-inplace": "MeZO in-place loop",
+    "mezo-pkg": "PyPI mezo.update",
+    "torchzero": "torchzero MeZO (gaussian)",
+}
 
 
 def measure(operation: str, placement: str, width: int, depth: int, batch: int) -> Dict[str, Any]:
@@ -57,8 +74,14 @@ def measure(operation: str, placement: str, width: int, depth: int, batch: int) 
     zo_params = list(adapter.parameters())
     if placement == "full":
         zo_params = list(model.parameters()) + zo_params
-    restore = "inplace" if operation == "hybridzo-inplace" else "exact"
-    opt = HybridZOOptimizer(zo_params, lr=1e-6, eps=1e-3, restore=restore, seed=0)
+    lr, eps = 1e-6, 1e-3
+    if operation in ("hybridzo", "hybridzo-inplace"):
+        restore = "inplace" if operation == "hybridzo-inplace" else "exact"
+        step = HybridZOOptimizer(zo_params, lr=lr, eps=eps, restore=restore, seed=0).step
+    elif operation == "mezo-pkg":
+        step = mezo_package_step(model, zo_params, lr, eps)
+    elif operation == "torchzero":
+        step = TorchzeroMeZO(zo_params, lr, eps, "gaussian").step
     with torch.no_grad():
         closure()  # warm up allocator and kernels outside the measured window
     meter = _measure.PeakMemory("cpu")
@@ -67,11 +90,11 @@ def measure(operation: str, placement: str, width: int, depth: int, batch: int) 
     if operation == "forward":
         with torch.no_grad():
             closure()
-    elif operation in ("hybridzo", "hybridzo-inplace"):
-        opt.step(closure)
+    elif operation != "mezo-inplace":
+        step(closure)
     else:
         with torch.no_grad():
-            seed, eps, lr = 1234, 1e-3, 1e-6
+            seed = 1234
             for scale in (eps, -2 * eps):
                 torch.manual_seed(seed)
                 for p in zo_params:
@@ -84,9 +107,12 @@ def measure(operation: str, placement: str, width: int, depth: int, batch: int) 
             for p in zo_params:
                 p.add_(torch.randn_like(p), alpha=-lr)
     peak = meter.peak()
+    _measure.release_free_heap()
+    after = meter.current()
     zo_bytes = sum(p.numel() * p.element_size() for p in zo_params)
     largest = max(p.numel() * p.element_size() for p in zo_params)
     return {"operation": operation, "placement": placement, "above_start_mib": (peak - start) / MIB,
+            "left_after_mib": (after - start) / MIB,
             "zo_param_mib": zo_bytes / MIB, "largest_zo_tensor_mib": largest / MIB}
 
 
@@ -105,29 +131,42 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
         print(json.dumps(measure(*args.child, args.width, args.depth, args.batch)))
         return []
     info = _measure.environment()
+    operations, notes = leave_out_missing(OPERATIONS, PEER_OF)
     sizes = ["--width", str(args.width), "--depth", str(args.depth), "--batch", str(args.batch)]
     rows = []
     for placement in args.placements:
-        for operation in OPERATIONS:
+        for operation in operations:
             rows.append(_measure.run_child("benchmarks.restore_memory", ["--child", operation, placement, *sizes]))
             print(rows[-1], flush=True)
     table = []
     for placement in args.placements:
         r = {row["operation"]: row for row in rows if row["placement"] == placement}
-        table.append([placement, f"{r['forward']['zo_param_mib']:.1f}", f"{r['forward']['largest_zo_tensor_mib']:.1f}",
-                      f"{r['forward']['above_start_mib']:.1f}", f"{r['hybridzo']['above_start_mib']:.1f}",
-                      f"{r['hybridzo-inplace']['above_start_mib']:.1f}", f"{r['mezo-inplace']['above_start_mib']:.1f}"])
+        forward = r["forward"]["above_start_mib"]
+        for operation in operations:
+            peak = r[operation]["above_start_mib"]
+            table.append([placement if operation == "forward" else "", LABELS[operation], f"{peak:.1f}",
+                          "" if operation == "forward" else f"{peak - forward:+.1f}",
+                          "" if operation == "forward" else _measure.ratio(peak, forward),
+                          f"{r[operation]['left_after_mib']:.1f}"])
+    sizes_row = {row["placement"]: row for row in rows if row["operation"] == "forward"}
+    placements = "; ".join(f"{name}: {row['zo_param_mib']:.1f} MiB of ZO parameters, largest tensor "
+                           f"{row['largest_zo_tensor_mib']:.1f} MiB" for name, row in sizes_row.items())
     lines = [
         "# Memory of exact and in-place restore",
         "",
         _measure.environment_markdown(info, _measure.command_line("benchmarks.restore_memory", argv),
                                       _measure.load_average()),
         f"- Model: {args.depth} x Linear({args.width}, {args.width}) + GELU, fp32, batch {args.batch}, one torch "
-        "thread. Peak RSS above the RSS before the operation, fresh process per row.",
+        "thread, and an 8-output linear side branch (the \"adapter\"). Peak RSS above the RSS before the "
+        "operation, fresh process per row; *left after* is what the operation leaves allocated (after handing "
+        "freed heap back). *Over the forward* and *step / forward* set each step's peak against the no-grad "
+        "forward's, weights excluded; where the forward's activations are small next to one direction tensor, "
+        "the ratio is large and the difference says more.",
+        f"- ZO parameters per placement: {placements}.",
+        *(f"- {note}." for note in notes),
         "",
-        _measure.markdown_table(["ZO placement", "ZO params (MiB)", "largest ZO tensor (MiB)",
-                                 "no-grad forward (MiB)", "hybridzo step, exact (MiB)",
-                                 "hybridzo step, inplace (MiB)", "MeZO in-place step (MiB)"], table),
+        _measure.markdown_table(["ZO placement", "operation", "peak above start (MiB)", "over the forward (MiB)",
+                                 "step / forward, excl. weights", "left after (MiB)"], table, "llrrrr"),
     ]
     report = "\n".join(lines) + "\n"
     _measure.write_text(args.out, report)

@@ -14,8 +14,12 @@ Configurations (CLIP with MoE adapters, see ``_workload.py``):
 * FO baselines: hybridzo with every group FO, and a plain ``torch.optim.AdamW`` loop;
 * MeZO-style reference loop (``torch.manual_seed``, ``torch.normal`` per parameter, +eps / -2eps / +eps
   in place, then a separate update sweep regenerating z; Malladi et al.'s ``zo_step`` / ``zo_update``)
-  and the PyPI package ``mezo`` (``mezo.update``), on the adapters and on the full model;
-* hybridzo central q=1 on the full model (every weight ZO).
+  and the optional peers (``_peers.py``): PyPI ``mezo`` (``mezo.update``) and torchzero's MeZO module set
+  up as the same ZO-SGD (central, q=1, same eps and lr, plain SGD), on the adapters and on the full model;
+  torchzero also with Rademacher directions, its default. A peer that is not installed is left out, with a
+  note in the report;
+* hybridzo central q=1 on the full model (every weight ZO): Gaussian and Rademacher directions, each with
+  ``restore="exact"`` and ``restore="inplace"``.
 
 For each configuration the step time is split into the closure calls (the forwards, timed by wrapping the
 closure) and the rest: the optimizer's own overhead (drawing directions, writing perturbations, restores and
@@ -37,6 +41,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 
 from benchmarks import _measure
+from benchmarks._peers import TorchzeroMeZO, leave_out_missing, mezo_package_step
 from benchmarks._workload import (
     CONSERVATIVE,
     FORWARD_ESTIMATOR,
@@ -54,6 +59,9 @@ from hybridzo import HybridZOOptimizer
 
 INPLACE = ZOSettings(conservative=False, restore="inplace")
 """ZO-SGD with MeZO's in-place round trip instead of the exact-restore copy."""
+RADEMACHER = ZOSettings(conservative=False, distribution="rademacher")
+"""ZO-SGD with +/-1 directions (SPSA's, torchzero's default)."""
+RADEMACHER_INPLACE = ZOSettings(conservative=False, restore="inplace", distribution="rademacher")
 
 ZEROFLOW_EPOCH_S = {"zo-sgd": 32.4, "zo-sgd-cons": 70.1, "fo-sgd": 59.3}
 """ZeroFlow's CIFAR-100 epoch times (s): the published ratios the speed table is set against."""
@@ -86,7 +94,8 @@ class SpeedConfig:
         zo_scope: ``"adapters"``, ``"full model"`` or ``""`` (no ZO).
         step: Runs one training step, calling the closure it is given.
         optimizer: The :class:`HybridZOOptimizer` that ``step`` steps, whose ``last_step_info`` is read after
-            every timed step; ``None`` for the reference loops.
+            every timed step; ``None`` for the reference loops and peers.
+        known_sweeps: Direction sweeps per step of a reference loop or peer, counted from its source.
         step_times: Measured step seconds per repeat.
         forward_times: Paired no-grad forward seconds per repeat.
         timers: Split of each repeat's step time.
@@ -98,6 +107,7 @@ class SpeedConfig:
     zo_scope: str
     step: Callable[[Callable[[], torch.Tensor]], Any]
     optimizer: Optional[HybridZOOptimizer] = None
+    known_sweeps: Optional[int] = None
     step_times: List[float] = field(default_factory=list)
     forward_times: List[float] = field(default_factory=list)
     timers: List[Timers] = field(default_factory=list)
@@ -164,18 +174,6 @@ class MeZOReference:
         return float(loss_plus)
 
 
-def mezo_package_step(model: torch.nn.Module, params: Sequence[torch.Tensor], lr: float,
-                      eps: float) -> Callable[[Callable[[], torch.Tensor]], Any]:
-    """One ``mezo.update`` (PyPI ``mezo``) per call, on ``params``, with a fresh seed each time."""
-    import mezo
-
-    seeds = iter(range(1, 1 << 30))
-    selected = list(params)
-    return lambda closure: mezo.update(model, None, lambda _model, _inputs: closure(), epsilon=eps,
-                                       learning_rate=lr, random_seed=next(seeds),
-                                       learnable_parameters=lambda _model: iter(selected))
-
-
 # --------------------------------------------------------------------------------------------- configs
 
 
@@ -185,37 +183,57 @@ def build_configs(workload: Workload, names: Sequence[str]) -> Dict[str, SpeedCo
     everything = list(workload.model.parameters())
     zo_lr, eps = 1e-9, 1e-3  # tiny steps: the weights barely move while being timed
 
-    def hybrid(label: str, theory: str, theory_forwards: Optional[float], zo_scope: str,
-               optimizer: HybridZOOptimizer) -> SpeedConfig:
+    def hybrid(label: str, zo_scope: str, optimizer: HybridZOOptimizer, theory: str = "2",
+               theory_forwards: Optional[float] = 2) -> SpeedConfig:
         return SpeedConfig(label, theory, theory_forwards, zo_scope, optimizer.step, optimizer)
 
+    def mezo_like(label: str, zo_scope: str, step: Callable[[Callable[[], torch.Tensor]], Any]) -> SpeedConfig:
+        # MeZO's loop, PyPI mezo and torchzero each draw z 4 times per step (+eps, -2eps, +eps, update).
+        return SpeedConfig(label, "2", 2, zo_scope, step, known_sweeps=4)
+
+    def torchzero(params: Sequence[torch.Tensor], distribution: str) -> Callable[[Callable[[], torch.Tensor]], Any]:
+        peer = TorchzeroMeZO(params, zo_lr, eps, distribution)
+
+        def step(closure: Callable[[], torch.Tensor]) -> Any:
+            loss = peer.step(closure)
+            peer.zero_grad()  # its estimate stays in .grad until the next step replaces it: freed within the step
+            return loss
+        return step
+
+    full = "full model"
     factories: Dict[str, Callable[[], SpeedConfig]] = {
-        "zo-central": lambda: hybrid("hybridzo ZO*/ZO-SGD, central q=1", "2", 2, "adapters",
+        "zo-central": lambda: hybrid("hybridzo ZO*/ZO-SGD, central q=1", "adapters",
                                      make_optimizer(workload, Placement("dual", settings=NAIVE))),
-        "zo-forward": lambda: hybrid("hybridzo ZO, forward estimator q=1", "1 + 1", 2, "adapters",
-                                     make_optimizer(workload, Placement("dual", settings=FORWARD_ESTIMATOR))),
-        "zo-conservative": lambda: hybrid("hybridzo ZO-SGD-Cons", "5", 5, "adapters",
-                                          make_optimizer(workload, Placement("dual", settings=CONSERVATIVE))),
-        "vision-zo": lambda: hybrid("hybridzo Vision w/ ZO (Cons), language FO", "1 + bwd(lang) + 4", None,
-                                    "vision adapters", make_optimizer(workload, Placement("vision"))),
-        "language-zo": lambda: hybrid("hybridzo Language w/ ZO (Cons), vision FO", "1 + bwd(vis) + 4", None,
-                                      "language adapters", make_optimizer(workload, Placement("language"))),
-        "fo": lambda: hybrid("hybridzo FO baseline (AdamW)", "1 + bwd", None, "",
-                             make_optimizer(workload, Placement("none"))),
-        "fo-torch": lambda: SpeedConfig("torch.optim.AdamW loop", "1 + bwd", None, "",
-                                        _torch_step(workload)),
-        "mezo-ref": lambda: SpeedConfig("MeZO reference loop", "2", 2, "adapters",
-                                        MeZOReference(adapters, zo_lr, eps).step),
-        "mezo-pkg": lambda: SpeedConfig("PyPI mezo.update", "2", 2, "adapters",
-                                        mezo_package_step(workload.model, adapters, zo_lr, eps)),
-        "full-zo-central": lambda: hybrid("hybridzo ZO-SGD, central q=1", "2", 2, "full model",
+        "zo-forward": lambda: hybrid("hybridzo ZO, forward estimator q=1", "adapters",
+                                     make_optimizer(workload, Placement("dual", settings=FORWARD_ESTIMATOR)),
+                                     "1 + 1"),
+        "zo-conservative": lambda: hybrid("hybridzo ZO-SGD-Cons", "adapters",
+                                          make_optimizer(workload, Placement("dual", settings=CONSERVATIVE)), "5", 5),
+        "vision-zo": lambda: hybrid("hybridzo Vision w/ ZO (Cons), language FO", "vision adapters",
+                                    make_optimizer(workload, Placement("vision")), "1 + bwd(lang) + 4", None),
+        "language-zo": lambda: hybrid("hybridzo Language w/ ZO (Cons), vision FO", "language adapters",
+                                      make_optimizer(workload, Placement("language")), "1 + bwd(vis) + 4", None),
+        "fo": lambda: hybrid("hybridzo FO baseline (AdamW)", "", make_optimizer(workload, Placement("none")),
+                             "1 + bwd", None),
+        "fo-torch": lambda: SpeedConfig("torch.optim.AdamW loop", "1 + bwd", None, "", _torch_step(workload)),
+        "mezo-ref": lambda: mezo_like("MeZO reference loop", "adapters", MeZOReference(adapters, zo_lr, eps).step),
+        "mezo-pkg": lambda: mezo_like("PyPI mezo.update", "adapters",
+                                      mezo_package_step(workload.model, adapters, zo_lr, eps)),
+        "tz-mezo": lambda: mezo_like("torchzero MeZO, gaussian", "adapters", torchzero(adapters, "gaussian")),
+        "full-zo-central": lambda: hybrid("hybridzo ZO-SGD, central q=1, gaussian", full,
                                           full_model_zo_optimizer(workload)),
-        "full-zo-inplace": lambda: hybrid("hybridzo ZO-SGD, central q=1, restore='inplace'", "2", 2, "full model",
+        "full-zo-inplace": lambda: hybrid("hybridzo ZO-SGD, central q=1, gaussian, restore='inplace'", full,
                                           full_model_zo_optimizer(workload, INPLACE)),
-        "full-mezo-ref": lambda: SpeedConfig("MeZO reference loop", "2", 2, "full model",
-                                             MeZOReference(everything, zo_lr, eps).step),
-        "full-mezo-pkg": lambda: SpeedConfig("PyPI mezo.update", "2", 2, "full model",
-                                             mezo_package_step(workload.model, everything, zo_lr, eps)),
+        "full-zo-rademacher": lambda: hybrid("hybridzo ZO-SGD, central q=1, rademacher", full,
+                                             full_model_zo_optimizer(workload, RADEMACHER)),
+        "full-zo-rademacher-inplace": lambda: hybrid("hybridzo ZO-SGD, central q=1, rademacher, restore='inplace'",
+                                                     full, full_model_zo_optimizer(workload, RADEMACHER_INPLACE)),
+        "full-mezo-ref": lambda: mezo_like("MeZO reference loop", full, MeZOReference(everything, zo_lr, eps).step),
+        "full-mezo-pkg": lambda: mezo_like("PyPI mezo.update", full,
+                                           mezo_package_step(workload.model, everything, zo_lr, eps)),
+        "full-tz-mezo": lambda: mezo_like("torchzero MeZO, gaussian", full, torchzero(everything, "gaussian")),
+        "full-tz-mezo-rademacher": lambda: mezo_like("torchzero MeZO, rademacher (its default)", full,
+                                                     torchzero(everything, "rademacher")),
     }
     unknown = set(names) - factories.keys()
     if unknown:
@@ -229,10 +247,12 @@ def _torch_step(workload: Workload) -> Callable[[Callable[[], torch.Tensor]], An
 
 
 ALL_CONFIGS = ["zo-central", "zo-forward", "zo-conservative", "vision-zo", "language-zo", "fo", "fo-torch",
-               "mezo-ref", "mezo-pkg", "full-zo-central", "full-zo-inplace", "full-mezo-ref", "full-mezo-pkg"]
-MEZO_PACKAGE_CONFIGS = ("mezo-pkg", "full-mezo-pkg")
-# PyPI mezo is optional (`pip install --no-deps mezo==0.0.1`): without it its rows are left out by default.
-DEFAULT_CONFIGS = [name for name in ALL_CONFIGS if name not in MEZO_PACKAGE_CONFIGS or _measure.installed("mezo")]
+               "mezo-ref", "mezo-pkg", "tz-mezo", "full-zo-central", "full-zo-inplace", "full-zo-rademacher",
+               "full-zo-rademacher-inplace", "full-mezo-ref", "full-mezo-pkg", "full-tz-mezo",
+               "full-tz-mezo-rademacher"]
+PEER_OF = {"mezo-pkg": "mezo", "full-mezo-pkg": "mezo", "tz-mezo": "torchzero", "full-tz-mezo": "torchzero",
+           "full-tz-mezo-rademacher": "torchzero"}
+"""Configurations that need an optional peer (``_peers.PEERS``): left out, with a note, where it is missing."""
 
 
 # ------------------------------------------------------------------------------------------------- run
@@ -281,15 +301,44 @@ def _ratio(configs: Dict[str, SpeedConfig], numerator: str, denominator: str) ->
     return "not measured"
 
 
+RATIOS = [
+    # (what, numerator, denominator); ZeroFlow's published ratio, where it has one, is added in write_report.
+    ("hybridzo / MeZO reference loop, adapters", "zo-central", "mezo-ref"),
+    ("hybridzo / PyPI mezo, adapters", "zo-central", "mezo-pkg"),
+    ("hybridzo / torchzero MeZO, adapters", "zo-central", "tz-mezo"),
+    ("hybridzo / MeZO reference loop, full model", "full-zo-central", "full-mezo-ref"),
+    ("hybridzo / PyPI mezo, full model", "full-zo-central", "full-mezo-pkg"),
+    ("hybridzo / torchzero MeZO (gaussian), full model", "full-zo-central", "full-tz-mezo"),
+    ("hybridzo restore='inplace' / MeZO reference loop, full model", "full-zo-inplace", "full-mezo-ref"),
+    ("hybridzo restore='inplace' / PyPI mezo, full model", "full-zo-inplace", "full-mezo-pkg"),
+    ("hybridzo restore='inplace' / torchzero MeZO (gaussian), full model", "full-zo-inplace", "full-tz-mezo"),
+    ("hybridzo restore='inplace' / 'exact', full model", "full-zo-inplace", "full-zo-central"),
+    ("hybridzo rademacher / gaussian, full model", "full-zo-rademacher", "full-zo-central"),
+    ("hybridzo rademacher / PyPI mezo, full model", "full-zo-rademacher", "full-mezo-pkg"),
+    ("hybridzo rademacher / torchzero MeZO (rademacher), full model", "full-zo-rademacher",
+     "full-tz-mezo-rademacher"),
+    ("hybridzo rademacher, restore='inplace' / 'exact', full model", "full-zo-rademacher-inplace",
+     "full-zo-rademacher"),
+    ("torchzero MeZO rademacher / gaussian, full model", "full-tz-mezo-rademacher", "full-tz-mezo"),
+    ("ZO-SGD-Cons / ZO-SGD", "zo-conservative", "zo-central"),
+    ("FO (AdamW here, SGD in ZeroFlow) / ZO-SGD", "fo", "zo-central"),
+    ("hybridzo FO / torch.optim.AdamW loop", "fo", "fo-torch"),
+]
+"""The ratios table of ``speed.md``: measured forward-equivalents of one configuration over another's."""
+
+
 def write_report(configs: Dict[str, SpeedConfig], args: argparse.Namespace, workload: Workload,
-                 info: Dict[str, Any], load_after: str, argv: Optional[Sequence[str]]) -> str:
-    """The markdown of ``speed.md``."""
+                 info: Dict[str, Any], load_after: str, argv: Optional[Sequence[str]],
+                 notes: Sequence[str] = ()) -> str:
+    """The markdown of ``speed.md``; ``notes`` say which rows were left out and why."""
     rows = []
     for name, c in configs.items():
         measured = c.forward_equivalents()
         against = f"{measured / c.theory_forwards:.2f}" if c.theory_forwards else ""
         sweeps = c.direction_sweeps()
-        if c.optimizer is None or not c.zo_scope:
+        if c.known_sweeps is not None:
+            sweeps_cell = f"{c.known_sweeps} (source)"
+        elif c.optimizer is None or not c.zo_scope:
             sweeps_cell = "n/a"
         else:
             sweeps_cell = "not reported" if sweeps is None else f"{sweeps:g}"
@@ -301,21 +350,11 @@ def write_report(configs: Dict[str, SpeedConfig], args: argparse.Namespace, work
     total = sum(p.numel() for p in workload.model.parameters())
     forward_s = _measure.median([t for c in configs.values() for t in c.forward_times])
     zeroflow = ZEROFLOW_EPOCH_S
-    comparisons = [
-        ["hybridzo / MeZO reference loop, adapters", _ratio(configs, "zo-central", "mezo-ref"), ""],
-        ["hybridzo / PyPI mezo, adapters", _ratio(configs, "zo-central", "mezo-pkg"), ""],
-        ["hybridzo / MeZO reference loop, full model", _ratio(configs, "full-zo-central", "full-mezo-ref"), ""],
-        ["hybridzo / PyPI mezo, full model", _ratio(configs, "full-zo-central", "full-mezo-pkg"), ""],
-        ["hybridzo restore='inplace' / MeZO reference loop, full model",
-         _ratio(configs, "full-zo-inplace", "full-mezo-ref"), ""],
-        ["hybridzo restore='inplace' / 'exact', full model", _ratio(configs, "full-zo-inplace", "full-zo-central"),
-         ""],
-        ["ZO-SGD-Cons / ZO-SGD", _ratio(configs, "zo-conservative", "zo-central"),
-         f"{zeroflow['zo-sgd-cons'] / zeroflow['zo-sgd']:.2f}"],
-        ["FO (AdamW here, SGD in ZeroFlow) / ZO-SGD", _ratio(configs, "fo", "zo-central"),
-         f"{zeroflow['fo-sgd'] / zeroflow['zo-sgd']:.2f}"],
-        ["hybridzo FO / torch.optim.AdamW loop", _ratio(configs, "fo", "fo-torch"), ""],
-    ]
+    published = {("zo-conservative", "zo-central"): zeroflow["zo-sgd-cons"] / zeroflow["zo-sgd"],
+                 ("fo", "zo-central"): zeroflow["fo-sgd"] / zeroflow["zo-sgd"]}
+    comparisons = [[what, _ratio(configs, numerator, denominator),
+                    f"{published[numerator, denominator]:.2f}" if (numerator, denominator) in published else ""]
+                   for what, numerator, denominator in RATIOS]
     lines = [
         "# Time per step in forward-equivalents",
         "",
@@ -330,9 +369,17 @@ def write_report(configs: Dict[str, SpeedConfig], args: argparse.Namespace, work
         "the time inside closure calls (the forwards, timed by wrapping the closure) and outside them: the "
         "optimizer's own overhead (drawing directions, writing perturbations, restores and updates) plus, for FO "
         "groups, the backward. *Direction sweeps* are the full passes of direction generation over the ZO "
-        "parameters per step, as hybridzo reports them in `last_step_info['direction_sweeps']`. "
+        "parameters per step, as hybridzo reports them in `last_step_info['direction_sweeps']`; for the MeZO "
+        "loop and the peers they are counted from their source (+eps, -2eps, +eps, update). "
         "FO rows have no forward-only theory: one forward with autograd plus a backward that, through a frozen "
         "backbone, forms activation gradients only.",
+        "- Peers: PyPI `mezo` (`mezo.update`) and torchzero (`tz.Optimizer(params, tz.m.MeZO(h=eps, n_samples=1, "
+        "formula='central2', distribution=..., return_approx_loss=True), tz.m.LR(lr))`), both MeZO's ZO-SGD with "
+        "the same eps and lr as hybridzo's rows; torchzero's own default distribution is Rademacher, and it draws "
+        "each step's directions for all parameters at once and keeps its estimate in `.grad` (freed here at the "
+        "end of each step, as the next step would). `return_approx_loss=True` spares the third forward at theta "
+        "that torchzero otherwise spends on the returned loss.",
+        *(f"- {note}." for note in notes),
         "",
         _measure.markdown_table(["config", "what", "ZO groups", "theory (fwd)", "measured (fwd-eq)", "vs theory",
                                  "median step (s)", "in closures", "outside closures", "direction sweeps"],
@@ -359,16 +406,20 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1: on a shared machine more threads make timings erratic)")
-    parser.add_argument("--configs", type=_measure.split_list, default=DEFAULT_CONFIGS,
-                        help=f"comma-separated subset of: {', '.join(ALL_CONFIGS)}")
+    parser.add_argument("--configs", type=_measure.split_list, default=ALL_CONFIGS,
+                        help=f"comma-separated subset of: {', '.join(ALL_CONFIGS)} (default: all; the rows of "
+                             "a peer that is not installed are left out, with a note)")
     parser.add_argument("--out", type=Path, default=_measure.RESULTS_DIR / "speed.md")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     info = _measure.environment(args.device)
     workload = build_workload(args.model, "moe", args.batch, args.prompts, args.device)
-    configs = build_configs(workload, args.configs)
+    names, notes = leave_out_missing(args.configs, PEER_OF)
+    for note in notes:
+        print(note, flush=True)
+    configs = build_configs(workload, names)
     run(workload, configs, args.repeats, lambda line: print(line, flush=True))
-    report = write_report(configs, args, workload, info, _measure.load_average(), argv)
+    report = write_report(configs, args, workload, info, _measure.load_average(), argv, notes)
     _measure.write_text(args.out, report)
     raw = {name: {"step_s": c.step_times, "forward_s": c.forward_times,
                   "closure_s": [t.closure_s for t in c.timers], "closure_calls": [t.closure_calls for t in c.timers],

@@ -4,7 +4,9 @@ The benchmarks themselves are not tests (they take minutes to hours); this runs 
 ``python -m benchmarks --preset smoke``'s arguments (a 4-block CLIP, one repeat, one accuracy row with the
 examples' smoke preset). The scripts run in parallel subprocesses to keep the whole file well under a
 minute on two cores; those runs are marked ``slow``. The accuracy script is skipped when the tiny CLIP checkpoint
-or CIFAR-100 is missing, the PyPI ``mezo`` row of the speed script when that optional peer is not installed.
+or CIFAR-100 is missing. Tests that need an optional peer (PyPI ``mezo``, torchzero; see ``benchmarks/_peers.py``)
+are marked ``peers`` and skip, saying why, when it is not installed; without it the scripts leave its rows out with
+a note, which is tested too.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, List, Tuple
 
 import pytest
 
 from benchmarks.__main__ import SCRIPTS, script_arguments
+from benchmarks._peers import PEERS
 from benchmarks.accuracy import DEFAULT_DATA_ROOT, TINY_CHECKPOINT
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -64,14 +67,138 @@ def test_script_writes_its_report(smoke_runs: Tuple[Path, Dict[str, Tuple[int, s
     assert report.startswith("# ") and "\n| --- |" in report and "git commit" in report
 
 
-@pytest.mark.slow
-def test_speed_compares_against_pypi_mezo(smoke_runs: Tuple[Path, Dict[str, Tuple[int, str]]]) -> None:
-    pytest.importorskip("mezo", reason="PyPI mezo, an optional peer: pip install --no-deps mezo==0.0.1 (.ci/run does)")
+def require_peer(key: str) -> None:
+    """Skip, saying how to install it, unless the optional peer ``key`` is installed."""
+    peer = PEERS[key]
+    if not peer.installed():
+        pytest.skip(f"needs {peer.name}, an optional peer: {peer.install} (.ci/run installs it)")
+
+
+def report_of(smoke_runs: Tuple[Path, Dict[str, Tuple[int, str]]], script: str, name: str) -> str:
     out_dir, outcomes = smoke_runs
-    assert outcomes["speed"][0] == 0, outcomes["speed"][1][-3000:]
-    report = (out_dir / "speed.md").read_text()
-    assert "| `mezo-pkg` | PyPI mezo.update |" in report
-    assert "| hybridzo / PyPI mezo, adapters | not measured |" not in report
+    assert outcomes[script][0] == 0, outcomes[script][1][-3000:]
+    return (out_dir / name).read_text()
+
+
+def table_rows(report: str) -> Dict[str, List[str]]:
+    """Markdown table rows by their first cell (stripped of backticks)."""
+    rows = {}
+    for line in report.splitlines():
+        if line.startswith("| ") and not line.startswith("| ---"):
+            cells = [cell.strip() for cell in line.strip("|").split(" | ")]
+            rows[cells[0].strip("`")] = cells
+    return rows
+
+
+@pytest.mark.slow
+def test_speed_times_full_model_zo_with_both_distributions_and_restores(
+    smoke_runs: Tuple[Path, Dict[str, Tuple[int, str]]]
+) -> None:
+    rows = table_rows(report_of(smoke_runs, "speed", "speed.md"))
+    labels = {"full-zo-central": "gaussian", "full-zo-inplace": "gaussian, restore='inplace'",
+              "full-zo-rademacher": "rademacher", "full-zo-rademacher-inplace": "rademacher, restore='inplace'"}
+    for name, label in labels.items():
+        assert rows[name][1] == f"hybridzo ZO-SGD, central q=1, {label}" and rows[name][2] == "full model"
+        assert float(rows[name][-1]) > 0  # direction sweeps, from last_step_info
+    ratio = rows["hybridzo rademacher / gaussian, full model"]
+    assert float(ratio[1]) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.peers
+def test_speed_compares_against_pypi_mezo(smoke_runs: Tuple[Path, Dict[str, Tuple[int, str]]]) -> None:
+    require_peer("mezo")
+    report = report_of(smoke_runs, "speed", "speed.md")
+    assert "| `mezo-pkg` | PyPI mezo.update |" in report and "| `full-mezo-pkg` | PyPI mezo.update |" in report
+    rows = table_rows(report)
+    for ratio in ("hybridzo / PyPI mezo, adapters", "hybridzo / PyPI mezo, full model",
+                  "hybridzo rademacher / PyPI mezo, full model"):
+        assert float(rows[ratio][1]) > 0, ratio
+
+
+@pytest.mark.slow
+@pytest.mark.peers
+def test_speed_compares_against_torchzero(smoke_runs: Tuple[Path, Dict[str, Tuple[int, str]]]) -> None:
+    require_peer("torchzero")
+    report = report_of(smoke_runs, "speed", "speed.md")
+    rows = table_rows(report)
+    assert rows["tz-mezo"][1:3] == ["torchzero MeZO, gaussian", "adapters"]
+    assert rows["full-tz-mezo"][1:3] == ["torchzero MeZO, gaussian", "full model"]
+    assert rows["full-tz-mezo-rademacher"][1:3] == ["torchzero MeZO, rademacher (its default)", "full model"]
+    for name in ("tz-mezo", "full-tz-mezo", "full-tz-mezo-rademacher"):
+        assert rows[name][-1] == "4 (source)"
+    for ratio in ("hybridzo / torchzero MeZO, adapters", "hybridzo / torchzero MeZO (gaussian), full model",
+                  "hybridzo rademacher / torchzero MeZO (rademacher), full model"):
+        assert float(rows[ratio][1]) > 0, ratio
+    assert "left out" not in report
+
+
+@pytest.mark.slow
+@pytest.mark.peers
+def test_restore_memory_sets_the_peers_against_the_forward(
+    smoke_runs: Tuple[Path, Dict[str, Tuple[int, str]]]
+) -> None:
+    require_peer("mezo")
+    require_peer("torchzero")
+    rows = {}
+    for line in report_of(smoke_runs, "restore_memory", "restore_memory.md").splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split(" | ")]
+        if len(cells) == 6 and cells[0] in ("adapter", ""):
+            rows[cells[1]] = cells
+    for label in ("hybridzo step, restore='exact'", "hybridzo step, restore='inplace'", "MeZO in-place loop",
+                  "PyPI mezo.update", "torchzero MeZO (gaussian)"):
+        assert rows[label][3].startswith(("+", "-")) and float(rows[label][4]) >= 0, label
+
+
+@pytest.mark.slow
+@pytest.mark.peers
+def test_memory_sets_torchzero_against_the_forward(smoke_runs: Tuple[Path, Dict[str, Tuple[int, str]]]) -> None:
+    require_peer("torchzero")
+    rows = table_rows(report_of(smoke_runs, "memory", "memory.md"))
+    row = rows["Dual w/ ZO*, torchzero MeZO (gaussian)"]
+    assert len(row) == 5 and float(row[2]) > 0 and float(row[4]) > 0  # the pure-ZO table: step / forward
+
+
+@pytest.mark.slow
+def test_memory_reports_the_pure_zo_step_against_the_forward(
+    smoke_runs: Tuple[Path, Dict[str, Tuple[int, str]]]
+) -> None:
+    report = report_of(smoke_runs, "memory", "memory.md")
+    assert "excluding weights (above model): step / forward (MiB)" in report
+    row = table_rows(report)["Dual w/ ZO"]
+    assert float(row[-1]) > 0 and " / " in row[-2]
+
+
+def test_scripts_leave_a_missing_peers_rows_out_with_a_note() -> None:
+    from benchmarks import memory, restore_memory, speed
+    from benchmarks._peers import leave_out_missing
+
+    def without(module: str) -> bool:
+        return module not in ("torchzero", "scipy")
+
+    kept, notes = leave_out_missing(["zo-central", "mezo-pkg", "tz-mezo", "full-tz-mezo"], speed.PEER_OF, without)
+    assert kept == ["zo-central", "mezo-pkg"]
+    assert notes == ["`tz-mezo`, `full-tz-mezo` left out: torchzero is not installed "
+                     "(`pip install torchzero==0.4.4 scipy==1.17.1`)"]
+    assert leave_out_missing(["fo"], speed.PEER_OF, lambda module: False) == (["fo"], [])
+    for script, names in ((speed, speed.ALL_CONFIGS), (memory, memory.CONFIGS),
+                          (restore_memory, restore_memory.OPERATIONS)):
+        assert set(script.PEER_OF) <= set(names) and set(script.PEER_OF.values()) <= set(PEERS), script.__name__
+
+
+@pytest.mark.slow
+def test_speed_report_says_which_peer_rows_it_left_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import _measure, speed
+
+    monkeypatch.setattr(_measure, "installed", lambda module: False)
+    out = tmp_path / "speed.md"
+    raw = speed.main(["--model", "micro", "--batch", "2", "--repeats", "1", "--configs",
+                      "zo-central,mezo-pkg,full-tz-mezo", "--out", str(out)])
+    assert sorted(raw) == ["zo-central"]
+    report = out.read_text()
+    assert "- `mezo-pkg` left out: PyPI `mezo` is not installed (`pip install --no-deps mezo==0.0.1`)." in report
+    assert "- `full-tz-mezo` left out: torchzero is not installed" in report
+    assert table_rows(report)["hybridzo / torchzero MeZO, adapters"][1] == "not measured"
 
 
 def test_main_lists_every_script_without_running() -> None:
@@ -138,7 +265,7 @@ def test_accuracy_report_only_tabulates_finished_rows(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_memory_keep_from_adds_a_configuration_to_an_earlier_run(
+def test_memory_keep_from_adds_limits_to_an_earlier_run(
     smoke_runs: Tuple[Path, Dict[str, Tuple[int, str]]], tmp_path: Path
 ) -> None:
     import json
@@ -147,16 +274,91 @@ def test_memory_keep_from_adds_a_configuration_to_an_earlier_run(
     assert outcomes["memory"][0] == 0, outcomes["memory"][1][-3000:]
     earlier = out_dir / "memory.json"
     out = tmp_path / "memory.md"
-    common = [sys.executable, "-m", "benchmarks.memory", "--model", "micro", "--configs", "dual-inplace",
+    common = [sys.executable, "-m", "benchmarks.memory", "--model", "micro", "--configs", "dual-limit,vision",
               "--state-model", "", "--keep-from", str(earlier), "--out", str(out)]
     done = subprocess.run([*common, "--batch", "2"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     report = out.read_text()
-    assert "| Dual w/ ZO |" in report and "| Dual w/ ZO, restore='inplace' |" in report
     assert f"Kept from `{earlier.as_posix()}`" in report and "`dual`" in report
     record = json.loads(out.with_suffix(".json").read_text())
-    assert record["kept_from"]["configs"] == ["dual"]
-    assert record["results"]["dual"] == json.loads(earlier.read_text())["results"]["dual"]
+    before = json.loads(earlier.read_text())["results"]
+    assert record["kept_from"]["configs"] == [name for name in before if name not in ("dual-limit", "vision")]
+    assert record["results"]["dual"] == before["dual"]
+    # Each placement against its limit: Dual's (measured now) and Vision's (kept from the smoke run).
+    rows = table_rows(report.split("## Each placement against its limit")[1].split("\n## ")[0])
+    for placement in ("Dual w/ ZO", "Vision w/ ZO"):
+        cells = rows[placement]
+        assert float(cells[2]) > 0 and float(cells[4]) > 0, cells
+    assert rows["Vision w/ ZO"][7] == "-65.3%"  # the paper's, for reference
 
     refused = subprocess.run([*common, "--batch", "4"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0 and "measured with other settings" in refused.stderr
+
+
+def test_memory_limit_names_and_placements() -> None:
+    from benchmarks.memory import CONFIGS, LIMITS, config_names, limit_of
+
+    assert config_names("fo, limits") == ["fo", *LIMITS]
+    assert limit_of("dual-inplace") == limit_of("dual") == "dual-limit"
+    assert limit_of("lora-vision") == "lora-vision-limit" and limit_of("vision-prefix") == "vision-prefix-limit"
+    assert limit_of("fo") is None and limit_of("inference") is None
+    assert len(LIMITS) == 18 and all(CONFIGS[name].operation == "limit" for name in LIMITS)
+
+
+def test_limit_freezes_the_zo_part_and_keeps_the_fo_groups() -> None:
+    pytest.importorskip("open_clip")
+    from benchmarks._workload import Placement, build_workload, limit_optimizer, make_optimizer
+
+    def groups(optimizer) -> Dict[str, Tuple[List[int], Dict]]:
+        return {g["name"]: ([id(p) for p in g["params"]], {k: v for k, v in g.items() if k not in ("params", "seed")})
+                for g in optimizer.param_groups}
+
+    workload = build_workload("micro", "moe", batch=2, prompts=3, device="cpu")
+    hybrid = make_optimizer(workload, Placement("vision", "hop-odd"))
+    zo = [p for g in hybrid.param_groups if g["mode"] == "zo" for p in g["params"]]
+    limit = limit_optimizer(workload, Placement("vision", "hop-odd"))
+    assert limit is not None and groups(limit) == {name: group for name, group in groups(hybrid).items()
+                                                   if group[1]["mode"] == "fo"}
+    assert zo and not any(p.requires_grad for p in zo)
+    assert type(limit) is type(hybrid)
+    assert limit_optimizer(build_workload("micro", "moe", 2, 3, "cpu"), Placement("dual")) is None
+
+
+@pytest.mark.peers
+def test_torchzero_peer_is_mezo_zo_sgd() -> None:
+    """Central differences along one z, two forwards, then lr * (f+ - f-) / (2 eps) * z subtracted: MeZO's step."""
+    require_peer("torchzero")
+    import torch
+
+    from benchmarks._peers import TorchzeroMeZO
+
+    torch.manual_seed(0)
+    trained = torch.nn.Parameter(torch.randn(6, dtype=torch.float64))
+    frozen = torch.nn.Parameter(torch.randn(3, dtype=torch.float64), requires_grad=False)
+    c = torch.randn(6, dtype=torch.float64)
+    lr, eps = 0.05, 1e-3
+    seen: List[torch.Tensor] = []
+
+    def closure() -> torch.Tensor:
+        seen.append(torch.cat([trained.detach(), frozen.detach()]))
+        return (c * trained).sum() + 0.5 * (trained * trained).sum() + (frozen * frozen).sum()
+
+    for distribution in ("gaussian", "rademacher"):
+        seen.clear()
+        peer = TorchzeroMeZO([trained, frozen], lr, eps, distribution)
+        before = torch.cat([trained.detach(), frozen.detach()])
+        peer.step(closure)
+        assert len(seen) == 2  # return_approx_loss=True: no third forward at theta
+        z = (seen[0] - before) / eps
+        torch.testing.assert_close(seen[1], before - eps * z)
+        assert not frozen.requires_grad  # unfrozen for the step only, and trained like the rest
+        f_plus, f_minus = ((c * x[:6]).sum() + 0.5 * (x[:6] ** 2).sum() + (x[6:] ** 2).sum() for x in seen)
+        torch.testing.assert_close(torch.cat([trained.detach(), frozen.detach()]),
+                                   before - lr * (f_plus - f_minus) / (2 * eps) * z)
+        if distribution == "rademacher":
+            torch.testing.assert_close(z.abs(), torch.ones_like(z))
+        else:
+            assert z.abs().std() > 0.1
+        assert trained.grad is not None  # torchzero keeps its estimate in .grad ...
+        peer.zero_grad()
+        assert trained.grad is None and frozen.grad is None  # ... until zero_grad drops it

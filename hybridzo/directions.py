@@ -87,6 +87,11 @@ class Distribution:
         """Draw ``length`` entries into ``out`` (at least :meth:`padded_length` long); return them."""
         raise NotImplementedError
 
+    def read_back_(self, applied: Tensor, scale: float) -> Tensor:
+        """The direction ``z`` of a perturbation ``applied = scale * z`` that was written into the
+        parameters, rounding included; computed in place in ``applied``."""
+        return applied.div_(scale)
+
 
 class Gaussian(Distribution):
     """Standard normal entries (MeZO's directions)."""
@@ -121,6 +126,10 @@ class Rademacher(Distribution):
             table = (bits * 2 - 1).to(dtype=dtype, device=device)
             self._tables[(dtype, device)] = table
         return table
+
+    def read_back_(self, applied: Tensor, scale: float) -> Tensor:
+        # Entries are +-1: their signs are exact, where a quotient would carry rounding.
+        return applied.sign_() if scale > 0 else applied.sign_().neg_()
 
     def fill_(self, out: Tensor, length: int, generator: torch.Generator) -> Tensor:
         padded = self.padded_length(length)

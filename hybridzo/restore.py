@@ -7,10 +7,12 @@ During a step every ZO tensor is at one *position* relative to its pre-step valu
 moves a tensor from one position to another, one direction chunk at a time:
 
 * :class:`ExactRestore` (``restore="exact"``) keeps a copy of the tensor for the step
-  (the *anchor*) and writes every position from it, so positions are exact and the
-  step ends changed by exactly the chosen update, bit for bit. The mirrored probe
-  :math:`\theta - \epsilon z` is computed from the current one as
-  :math:`2\theta - (\theta + \epsilon z)`, without drawing :math:`z` again.
+  (the *anchor*) and writes every position from it, so the step ends changed by exactly
+  the chosen update, bit for bit. The mirrored probe :math:`\theta - \epsilon z` is
+  computed from the current one as :math:`2\theta - (\theta + \epsilon z)`, and a move
+  made right after a probe reads the probe's direction back as
+  :math:`(\text{param} - \theta)/(\pm\epsilon)`, the perturbation the probe applied
+  (rounding included), instead of drawing :math:`z` again.
 * :class:`InplaceRestore` (``restore="inplace"``) keeps no copy: it undoes the current
   position in place (subtracting a probe, inverting a move through
   :meth:`~hybridzo.rules.Update.undo_`) and applies the next one, drawing each direction
@@ -146,7 +148,14 @@ class ExactRestore(Restore):
                     z = step.z(t, target.candidate, target.query, span)
                     torch.add(anchor, z, alpha=target.side * t.group["eps"], out=param)
             else:
-                grad = step.estimate(t, target.candidate, span, target.mirrored)
+                known = None
+                if isinstance(current, Probe) and current.candidate == target.candidate:
+                    # The probe in place is theta + s eps z: read its direction back from the copy
+                    # instead of drawing it again (it is the perturbation the probe applied).
+                    applied = torch.sub(param, anchor, out=step.scratch("applied", t, param.numel()))
+                    z = step.distribution(t).read_back_(applied, current.side * t.group["eps"])
+                    known = (current.query, z)
+                grad = step.estimate(t, target.candidate, span, target.mirrored, known=known)
                 update.apply_(param, anchor, grad, span.local_lo, span.local_hi)
         step.finish_update(t, update)
         t.position = target

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .closure import ClosureRunner
-from .directions import DISTRIBUTIONS, DirectionGenerator, chunk_elements, mix_seed
+from .directions import DISTRIBUTIONS, DirectionGenerator, Distribution, chunk_elements, mix_seed
 from .journal import Journal
 from .restore import RESTORES, THETA, Move, Position, Probe, Theta, ZOTensor
 from .rules import RULES, Update, begin_update, finish
@@ -171,31 +171,41 @@ class ZOStep:
         if update is not None and update.commit and t.slice.param in self.state:
             finish(self.state[t.slice.param], update)
 
+    @staticmethod
+    def distribution(t: ZOTensor) -> Distribution:
+        return DISTRIBUTIONS[t.group["distribution"]]
+
     def z(self, t: ZOTensor, candidate: int, query: int, span: Span) -> Tensor:
         """The entries of direction ``z_{candidate, query}`` of ``t`` that ``span`` covers (scratch)."""
         group = t.group
-        distribution = DISTRIBUTIONS[group["distribution"]]
+        distribution = self.distribution(t)
         seed = mix_seed(group["seed"], t.group_index, group["steps"], candidate, query, t.tensor_index)
-        out = self._buffer("z", t, distribution.padded_length(span.length))
+        out = self.scratch("z", t, distribution.padded_length(span.length))
         self.generated += span.length
         return self.generator.fill_(out, seed, span.chunk, span.length, distribution)[span.lo:span.hi]
 
     def estimate(self, t: ZOTensor, candidate: int, span: Span, mirrored: bool,
-                 on_direction: Optional[Callable[[int, Tensor], None]] = None) -> Tensor:
+                 on_direction: Optional[Callable[[int, Tensor], None]] = None,
+                 known: Optional[Tuple[int, Tensor]] = None) -> Tensor:
         """The entries of the estimate of ``candidate`` (negated if ``mirrored``) that ``span`` covers.
 
-        ``on_direction(query, z)`` sees each direction chunk before it is used.
+        ``on_direction(query, z)`` sees each direction chunk before it is used. ``known =
+        (query, z)`` gives that query's direction (scratch the estimate may overwrite) instead
+        of drawing it.
         """
         coefficients = self._coefficients_of(t, candidate)
         estimate: Optional[Tensor] = None
         for query, coefficient in enumerate(coefficients):
-            z = self.z(t, candidate, query, span)
+            if known is not None and known[0] == query:
+                z = known[1]
+            else:
+                z = self.z(t, candidate, query, span)
             if on_direction is not None:
                 on_direction(query, z)
             if len(coefficients) == 1:
                 estimate = z.mul_(coefficient)
             elif estimate is None:
-                estimate = torch.mul(z, coefficient, out=self._buffer("estimate", t, span.hi - span.lo))
+                estimate = torch.mul(z, coefficient, out=self.scratch("estimate", t, span.hi - span.lo))
             else:
                 estimate.add_(z, alpha=coefficient)
         assert estimate is not None  # queries >= 1 is validated
@@ -224,7 +234,9 @@ class ZOStep:
             ]
         return self._coefficients[key]
 
-    def _buffer(self, name: str, t: ZOTensor, length: int) -> Tensor:
+    def scratch(self, name: str, t: ZOTensor, length: int) -> Tensor:
+        """``length`` entries of scratch memory named ``name`` for ``t``'s dtype and device, reused
+        until the current pass over the tensors ends."""
         flat = t.slice.flat
         key = (name, flat.dtype, flat.device)
         buffer = self._scratch.get(key)

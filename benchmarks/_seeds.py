@@ -167,9 +167,11 @@ def tuning_table(tuning: Mapping[str, Mapping[str, Any]], order: Sequence[str], 
             chosen = record.get("choice") == knobs
             score = (f"{point['last']:.2f}", f"{point['avg']:.2f}") if point.get("last") is not None else (
                 point.get("status", "not run"), "")
-            lines.append([labels[name], *(f"{knobs[k]:g}" if k in knobs else "" for k in ("lr", "zo_lr", "eps_language")),
-                          *score, "**chosen**" + (f" (edge: {', '.join(record['edges'])})" if record.get("edges") else "")
-                          if chosen else ""])
+            mark = ""
+            if chosen:
+                mark = "**chosen**" + (f" (edge: {', '.join(record['edges'])})" if record.get("edges") else "")
+            values = [f"{knobs[key]:g}" if key in knobs else "" for key in ("lr", "zo_lr", "eps_language")]
+            lines.append([labels[name], *values, *score, mark])
     return _measure.markdown_table(["row", "--lr", "--zo-lr", "--eps-language", "val Last", "val Avg", ""], lines,
                                    align="lrrrrrl")
 

@@ -108,7 +108,8 @@ class FakeStart:
                   "validation_fraction": float(_flag(run.flags, "--validation-fraction", 0.0)),
                   "lr": float(_flag(run.flags, "--lr", 0.01))}
         if "--zo-lr" in run.flags:
-            config.update(zo_lr=float(_flag(run.flags, "--zo-lr")), eps_language=float(_flag(run.flags, "--eps-language")))
+            config.update(zo_lr=float(_flag(run.flags, "--zo-lr")),
+                          eps_language=float(_flag(run.flags, "--eps-language")))
         last, avg = score(run.row, config)
         run.out.mkdir(parents=True, exist_ok=True)
         (run.out / "results.json").write_text(json.dumps(fake_result(config, last, avg)))

@@ -20,7 +20,7 @@ import math
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import AbstractSet, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from benchmarks import _tuning
 
@@ -189,10 +189,14 @@ class Sweep:
                 runs += [self.seed_run(row, seed, knobs) for seed in self.seeds]
         return runs
 
-    def load_finished(self) -> None:
-        """Read every nameable run's ``results.json``, until no new run becomes nameable."""
+    def load_finished(self, running: AbstractSet[str] = frozenset()) -> None:
+        """Read every nameable run's ``results.json``, until no new run becomes nameable.
+
+        Args:
+            running: Keys of runs in progress, whose ``results.json`` may be half written: not read.
+        """
         while True:
-            new = [run for run in self.named_runs() if run.key not in self.results]
+            new = [run for run in self.named_runs() if run.key not in self.results and run.key not in running]
             loaded = [(run, finished_result(run)) for run in new]
             loaded = [(run, result) for run, result in loaded if result is not None]
             if not loaded:
@@ -200,10 +204,11 @@ class Sweep:
             for run, result in loaded:
                 self.results[run.key] = result
 
-    def pending(self) -> List[Run]:
-        """Runs that can start now: named, not finished, not failed."""
-        self.load_finished()
-        return [run for run in self.named_runs() if run.key not in self.results and run.key not in self.failed]
+    def pending(self, running: AbstractSet[str] = frozenset()) -> List[Run]:
+        """Runs that can start now: named, not finished, not failed, not ``running``."""
+        self.load_finished(running)
+        return [run for run in self.named_runs()
+                if run.key not in self.results and run.key not in self.failed and run.key not in running]
 
     def execute(self, start: Callable[[Run], Tuple[bool, str]], jobs: int,
                 report: Callable[[Run, str], None] = lambda run, status: None) -> Dict[str, str]:
@@ -222,8 +227,8 @@ class Sweep:
         with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
             while True:
                 busy = {run.key for run in running.values()}
-                for run in self.pending():
-                    if run.key not in busy and len(running) < max(jobs, 1):
+                for run in self.pending(busy):
+                    if len(running) < max(jobs, 1):
                         running[pool.submit(start, run)] = run
                         busy.add(run.key)
                 if not running:

@@ -9,14 +9,16 @@ chosen. Folders:
 * ``<runs-dir>/tuning/<row>/<knobs>/``: tuning runs, on the validation split, with the tuning seed;
 * ``<runs-dir>/seeds/<row>/seed<k>/`` (``seeds-untuned/`` without tuning): one test-set run per seed.
 
-A folder whose ``results.json`` exists is not run again; one whose config differs from what the sweep needs
-(another knob value, seed or split) stops the sweep with :class:`StaleRunError` instead of being overwritten.
+A folder whose ``results.json`` exists is not run again; one made with other ``clip_cl.py`` arguments (another knob
+value, seed, split, row definition or ``--clip-args``) stops the sweep with :class:`StaleRunError` instead of being
+overwritten.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shlex
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,12 +40,15 @@ class Run:
         flags: ``clip_cl.py`` flags on top of the row's own (knobs, ``--seed``, ``--validation-fraction``).
         expected: Config values its ``results.json`` must show (checked on resume).
         out: Its folder.
+        arguments: All its ``clip_cl.py`` arguments except where it reads and writes (``--data-root``, ``--out``,
+            ``--no-progress``, ``--threads``): the row's, ``flags`` and the sweep's extra arguments.
     """
 
     row: str
     flags: Tuple[str, ...]
     expected: Tuple[Tuple[str, Any], ...]
     out: Path
+    arguments: Tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -57,6 +62,27 @@ def _same(recorded: Any, wanted: Any) -> bool:
     return recorded == wanted
 
 
+LOCATION_FLAGS = {"--data-root": 1, "--out": 1, "--threads": 1, "--no-progress": 0}
+"""``clip_cl.py`` flags (and how many values follow) that say where a run reads, writes and how many threads it
+uses, not what it computes: left out when a finished run's command is compared with the sweep's."""
+
+
+def recorded_arguments(command: str) -> Tuple[str, ...]:
+    """The arguments of a ``results.json`` command (``python examples/clip_cl.py ...``), less :data:`LOCATION_FLAGS`."""
+    tokens = shlex.split(command)
+    start = next((i for i, token in enumerate(tokens) if token.startswith("--")), len(tokens))
+    kept: List[str] = []
+    index = start
+    while index < len(tokens):
+        skip = LOCATION_FLAGS.get(tokens[index])
+        if skip is None:
+            kept.append(tokens[index])
+            index += 1
+        else:
+            index += 1 + skip
+    return tuple(kept)
+
+
 def finished_result(run: Run) -> Optional[Dict[str, Any]]:
     """The run's ``results.json`` if it exists; raises :class:`StaleRunError` if it was run with other values."""
     path = run.out / "results.json"
@@ -68,6 +94,10 @@ def finished_result(run: Run) -> Optional[Dict[str, Any]]:
     if wrong:
         details = ", ".join(f"{key}={got!r} (needed {wanted!r})" for key, (got, wanted) in wrong.items())
         raise StaleRunError(f"{path} was run with {details}; delete {run.out} to run it again with this sweep's values")
+    recorded = recorded_arguments(result.get("command", ""))
+    if recorded != run.arguments:
+        raise StaleRunError(f"{path} was run with the arguments {shlex.join(recorded)!r}, this sweep needs "
+                            f"{shlex.join(run.arguments)!r}; delete {run.out} to run it again")
     return result
 
 
@@ -85,6 +115,8 @@ class Sweep:
         validation_fraction: Share of each class held out for tuning.
         tune_seed: Training seed of the tuning runs.
         grid: Values tuning tries.
+        row_arguments: ``clip_cl.py`` arguments of each row (preset and row flags).
+        extra: Arguments added to every run (``accuracy.py --clip-args``).
     """
 
     rows: Sequence[str]
@@ -96,19 +128,25 @@ class Sweep:
     validation_fraction: float = 0.1
     tune_seed: int = 0
     grid: _tuning.TuningGrid = _tuning.GRID
+    row_arguments: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    extra: Sequence[str] = ()
     results: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     """Finished runs' ``results.json`` by :attr:`Run.key`."""
     failed: Dict[str, str] = field(default_factory=dict)
     """Status of failed runs by :attr:`Run.key` (not retried within one invocation)."""
+
+    def _run(self, row: str, flags: Sequence[str], expected: Mapping[str, Any], out: Path) -> Run:
+        arguments = (*self.row_arguments.get(row, ()), *flags, *self.extra)
+        return Run(row, tuple(flags), tuple(expected.items()), out, arguments)
 
     # ----------------------------------------------------------------------------------------------- tuning
 
     def tuning_run(self, row: str, knobs: _tuning.Knobs) -> Run:
         """The tuning run of ``row`` at ``knobs``."""
         expected = {"seed": self.tune_seed, "validation_fraction": self.validation_fraction, **knobs}
-        return Run(row, (*_tuning.knob_flags(knobs), "--seed", str(self.tune_seed), "--validation-fraction",
-                         f"{self.validation_fraction:g}"), tuple(expected.items()),
-                   self.runs_dir / "tuning" / row / _tuning.knobs_tag(knobs))
+        flags = (*_tuning.knob_flags(knobs), "--seed", str(self.tune_seed), "--validation-fraction",
+                 f"{self.validation_fraction:g}")
+        return self._run(row, flags, expected, self.runs_dir / "tuning" / row / _tuning.knobs_tag(knobs))
 
     def scores(self, row: str, fo_lr: Optional[float]) -> Dict[str, _tuning.Score]:
         """Validation scores of ``row``'s finished tuning runs (those named so far), keyed by knobs tag."""
@@ -154,8 +192,8 @@ class Sweep:
         """The test-set run of ``row`` with ``seed`` (and the tuned ``knobs``)."""
         expected = {"seed": seed, "validation_fraction": 0.0, **knobs}
         folder = "seeds" if self.tune else "seeds-untuned"
-        return Run(row, (*_tuning.knob_flags(knobs), "--seed", str(seed)), tuple(expected.items()),
-                   self.runs_dir / folder / row / f"seed{seed}")
+        return self._run(row, (*_tuning.knob_flags(knobs), "--seed", str(seed)), expected,
+                         self.runs_dir / folder / row / f"seed{seed}")
 
     def knobs(self, row: str) -> Optional[_tuning.Knobs]:
         """Knobs of ``row``'s seed runs: the tuned ones (``None`` until chosen), or none without tuning."""

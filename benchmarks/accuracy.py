@@ -365,7 +365,8 @@ def make_sweep(args: argparse.Namespace, selected: Sequence[str]) -> _sweep.Swee
     rows = _sweep.with_baselines(selected, baselines)
     return _sweep.Sweep(rows, {name: _sweep.row_kind(ROWS[name].flags) for name in rows}, baselines, args.runs_dir,
                         seeds=args.seeds, tune=args.tune, validation_fraction=args.validation_fraction,
-                        tune_seed=args.tune_seed)
+                        tune_seed=args.tune_seed, extra=shlex.split(args.clip_args),
+                        row_arguments={name: ROWS[name].arguments(args.preset) for name in rows})
 
 
 def _knobs_text(sweep: _sweep.Sweep, name: str) -> str:
@@ -377,7 +378,7 @@ def _knobs_text(sweep: _sweep.Sweep, name: str) -> str:
     return ", ".join(f"{_tuning.KNOB_FLAGS[key]} {value:g}" for key, value in knobs.items())
 
 
-def reproduce_command(sweep: _sweep.Sweep, name: str, preset: str, seed: int, threads: Optional[int]) -> Optional[str]:
+def reproduce_command(sweep: _sweep.Sweep, name: str, seed: int, threads: Optional[int]) -> Optional[str]:
     """The ``clip_cl.py`` command that repeats ``name``'s run with ``seed`` bit for bit (see the report's
     conditions); ``None`` while its knobs are not chosen."""
     knobs = sweep.knobs(name)
@@ -387,7 +388,7 @@ def reproduce_command(sweep: _sweep.Sweep, name: str, preset: str, seed: int, th
     result = sweep.results.get(run.key)
     if result is not None and "numerics" in result:
         threads = result["numerics"]["torch_threads"]
-    arguments = [*ROWS[name].arguments(preset), *run.flags] + (["--threads", str(threads)] if threads else [])
+    arguments = [*run.arguments, *(["--threads", str(threads)] if threads else [])]
     return "python examples/clip_cl.py " + shlex.join(arguments)
 
 
@@ -448,7 +449,7 @@ def seeds_report(sweep: _sweep.Sweep, args: argparse.Namespace, info: Dict[str, 
                   "Validation Last / Avg of every tuning run (accuracy on held-out training images of the seen "
                   "classes); the chosen run is marked, with the knobs at the edge of their grid, where the best "
                   "value may lie outside it.", "", _seeds.tuning_table(tuning, order, labels)]
-    commands = {name: reproduce_command(sweep, name, args.preset, (sweep.seeds or [0])[0], threads) for name in order}
+    commands = {name: reproduce_command(sweep, name, (sweep.seeds or [0])[0], threads) for name in order}
     lines += ["", "## Reproducing a run", "",
               "Each command repeats that row's run bit for bit (losses and accuracy matrix) given the same "
               "checkpoint, torch and open_clip versions, thread count and CPU kernel path (results.json: "
@@ -467,14 +468,13 @@ def seeds_report(sweep: _sweep.Sweep, args: argparse.Namespace, info: Dict[str, 
     return "\n".join(lines) + "\n", record
 
 
-def run_sweep(args: argparse.Namespace, selected: Sequence[str], threads: Optional[int], extra: Sequence[str],
+def run_sweep(args: argparse.Namespace, selected: Sequence[str], threads: Optional[int],
               argv: Optional[Sequence[str]]) -> Dict[str, Any]:
     """``--tune`` and/or ``--seeds``: run what is missing (unless ``--report-only``), write the multi-seed report."""
     sweep = make_sweep(args, selected)
     if args.dry_run:
         for run in sweep.pending():
-            print(shlex.join(clip_cl_command([*ROWS[run.row].arguments(args.preset), *run.flags], run.out,
-                                             args.data_root, extra, threads)))
+            print(shlex.join(clip_cl_command(run.arguments, run.out, args.data_root, (), threads)))
         print("(later tuning coordinates and tuned seed runs are named once the runs they depend on finish)")
         return {}
     info = _measure.environment()
@@ -483,8 +483,7 @@ def run_sweep(args: argparse.Namespace, selected: Sequence[str], threads: Option
         sweep.load_finished()
     else:
         def start(run: _sweep.Run) -> Tuple[bool, str]:
-            arguments = [*ROWS[run.row].arguments(args.preset), *run.flags]
-            return execute(clip_cl_command(arguments, run.out, args.data_root, extra, threads), run.out)
+            return execute(clip_cl_command(run.arguments, run.out, args.data_root, (), threads), run.out)
 
         statuses = sweep.execute(start, args.jobs, report=lambda run, status: print(f"{run.out}: {status}",
                                                                                      flush=True))
@@ -557,7 +556,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Any]]:
                 and not TINY_CHECKPOINT.is_file()):
             raise SystemExit(f"{TINY_CHECKPOINT} is missing; create it with `python examples/tiny_clip.py pretrain`")
         try:
-            return run_sweep(args, selected, threads, shlex.split(args.clip_args), argv)
+            return run_sweep(args, selected, threads, argv)
         except _sweep.StaleRunError as error:
             raise SystemExit(str(error)) from error
     extra = ["--seed", str(args.seed), *shlex.split(args.clip_args)]

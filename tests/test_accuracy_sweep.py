@@ -73,13 +73,13 @@ def _flag(flags, name, default=None):
     return flags[flags.index(name) + 1] if name in flags else default
 
 
-def fake_result(config: Dict, last: float, avg: float, forgetting: float = 20.0) -> Dict:
+def fake_result(config: Dict, last: float, avg: float, forgetting: float = 20.0, arguments=()) -> Dict:
     """A results.json of clip_cl.py reduced to what the sweep and the reports read."""
     return {"config": config, "last": last, "avg": avg, "forgetting": forgetting, "seen_acc": [avg + 5, avg, last],
             "acc_matrix": [[avg + 5, None, None], [avg, avg, None], [last, last, last]], "steps": 100,
             "forward_passes": 100, "backward_passes": 100, "train_time_s": 60.0, "wall_time_s": 70.0,
             "peak_memory_mib": 1000.0, "peak_memory_kind": "cpu_peak_rss", "tasks": [[0], [1], [2]],
-            "command": "python examples/clip_cl.py x", "numerics": {"torch_threads": 1}}
+            "command": "python examples/clip_cl.py " + " ".join(arguments), "numerics": {"torch_threads": 1}}
 
 
 def score(row: str, config: Dict) -> Tuple[float, float]:
@@ -112,15 +112,17 @@ class FakeStart:
                           eps_language=float(_flag(run.flags, "--eps-language")))
         last, avg = score(run.row, config)
         run.out.mkdir(parents=True, exist_ok=True)
-        (run.out / "results.json").write_text(json.dumps(fake_result(config, last, avg)))
+        command = (*run.arguments, "--data-root", "/data", "--out", str(run.out), "--no-progress", "--threads", "1")
+        (run.out / "results.json").write_text(json.dumps(fake_result(config, last, avg, arguments=command)))
         return True, "ran in 0.0 min"
 
 
-def make_sweep(runs_dir: Path, seeds=(0, 1, 2), tune=True) -> _sweep.Sweep:
+def make_sweep(runs_dir: Path, seeds=(0, 1, 2), tune=True, extra=()) -> _sweep.Sweep:
     rows = _sweep.with_baselines(["moe-vision"], {"moe-vision": "moe-fo", "moe-fo": "moe-fo"})
     assert rows == ["moe-fo", "moe-vision"]
     return _sweep.Sweep(rows, {"moe-fo": "fo", "moe-vision": "zo"}, {"moe-fo": "moe-fo", "moe-vision": "moe-fo"},
-                        runs_dir, seeds=seeds, tune=tune, validation_fraction=0.1, tune_seed=0)
+                        runs_dir, seeds=seeds, tune=tune, validation_fraction=0.1, tune_seed=0,
+                        row_arguments={row: accuracy.ROWS[row].arguments("cpu") for row in rows}, extra=extra)
 
 
 def test_sweep_orders_runs_by_dependency_and_resumes_without_rerunning(tmp_path):
@@ -160,6 +162,14 @@ def test_sweep_refuses_a_finished_run_made_with_other_values(tmp_path):
     path.write_text(json.dumps(result))
     with pytest.raises(_sweep.StaleRunError, match="lr=0.005"):
         make_sweep(tmp_path, seeds=(0,)).execute(FakeStart(), jobs=1)
+
+
+def test_sweep_refuses_runs_made_with_other_clip_args(tmp_path):
+    make_sweep(tmp_path, seeds=(0,)).execute(FakeStart(), jobs=1)
+    with pytest.raises(_sweep.StaleRunError, match="--max-steps-per-task 5"):
+        make_sweep(tmp_path, seeds=(0,), extra=("--max-steps-per-task", "5")).load_finished()
+    assert _sweep.recorded_arguments("python examples/clip_cl.py --preset cpu --data-root /d --out /o --no-progress "
+                                     "--seed 1 --threads 1") == ("--preset", "cpu", "--seed", "1")
 
 
 def test_a_failed_run_is_not_retried_and_blocks_what_depends_on_it(tmp_path):
@@ -226,8 +236,9 @@ def test_seeds_report_says_when_an_interval_includes_zero(tmp_path):
         for seed, last in enumerate(lasts):
             folder = runs / "seeds-untuned" / row / f"seed{seed}"
             folder.mkdir(parents=True)
+            arguments = (*accuracy.ROWS[row].arguments("cpu"), "--seed", str(seed), "--out", str(folder))
             (folder / "results.json").write_text(json.dumps(fake_result(
-                {"seed": seed, "validation_fraction": 0.0, "lr": 0.01}, last, last + 14)))
+                {"seed": seed, "validation_fraction": 0.0, "lr": 0.01}, last, last + 14, arguments=arguments)))
     out = tmp_path / "report.md"
     record = accuracy.main(["--preset", "cpu", "--only", "zofc", "--seeds", "0,1,2", "--report-only",
                             "--runs-dir", str(runs), "--out", str(out)])

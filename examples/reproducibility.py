@@ -17,7 +17,7 @@ numerics of the machine it runs on. This module pins what can be pinned in-proce
   so the same command can part from its recorded losses on another CPU model. :func:`numerics_fingerprint`
   records thread count, ATen CPU capability, CPU model and the environment variables that change these choices,
   so two results can be compared only when their fingerprints agree (``ATEN_CPU_CAPABILITY``, ``MKL_CBWR`` and
-  ``ONEDNN_MAX_CPU_ISA`` set before the process starts force a common path across machines, at a cost in speed).
+  ``ONEDNN_MAX_CPU_ISA`` set before the process starts force a common path across machines).
 
 The measured size of each effect is in benchmarks/README.md ("Reproducibility").
 """

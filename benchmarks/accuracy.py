@@ -20,6 +20,13 @@ are built from whatever results exist (missing rows say so).
     python -m benchmarks.accuracy --preset paper          # ViT-B/16, OpenAI weights: for a GPU
     python -m benchmarks.accuracy --smoke                 # one row with the examples' smoke preset
     python -m benchmarks.accuracy --report-only           # tables from the finished rows, nothing run
+
+Over seeds, tuned on a validation split (``--tune``: ``benchmarks/_tuning.py`` has the grid and the search) and with
+paired 95% intervals against the FO baseline of the same adapter, written to ``accuracy_<preset>_seeds.md``
+(``benchmarks/_sweep.py`` names the runs, ``benchmarks/_seeds.py`` aggregates them); resumable the same way:
+
+    python -m benchmarks.accuracy --preset cpu --rows seeds --tune --seeds 0,1,2 --jobs 2
+    python -m benchmarks.accuracy --preset cpu --rows seeds --tune --seeds 0,1,2 --report-only
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from benchmarks import _measure
+
+from benchmarks import _seeds, _sweep, _tuning
 
 CLIP_CL = ("-m", "examples.clip_cl")
 """How each row runs the example: ``python -m examples.clip_cl ...`` in the repository root."""
@@ -61,12 +70,15 @@ class Row:
         label: What the row is, in the paper's words.
         flags: ``clip_cl.py`` flags on top of ``--preset``; ``{half}`` is replaced by half the model's depth.
         paper: The paper's (Last, Avg) on CIFAR-100 Inc10, if it reports the row.
+        baseline: The FO baseline of the same adapter and classifier (itself for a baseline): what the
+            multi-seed report's paired differences and a ZO row's fixed FO learning rate come from.
     """
 
     name: str
     label: str
     flags: Tuple[str, ...]
     paper: Optional[Tuple[float, float]] = None
+    baseline: str = "moe-fo"
 
     def display(self, preset: str) -> str:
         """``label`` with ``{half}`` filled in for ``preset``."""
@@ -93,10 +105,11 @@ def _rows() -> Dict[str, Row]:
         dagger = "\u2020" if adapter == "lora" else ""
         if branch == "none":
             rows.append(Row(f"{adapter}-fo", f"Baseline{dagger} (FO)", ("--adapter", adapter, "--zo-branch", "none"),
-                            paper))
+                            paper, baseline=f"{adapter}-fo"))
         else:
             rows.append(Row(f"{adapter}-{branch}", f"{BRANCHES[branch]} w/ ZO{dagger}",
-                            ("--adapter", adapter, "--zo-branch", branch, *conservative), paper))
+                            ("--adapter", adapter, "--zo-branch", branch, *conservative), paper,
+                            baseline=f"{adapter}-fo"))
     table2 = {
         "dual": [(79.22, 86.98), (79.12, 86.81), (76.53, 84.77), (78.03, 86.63)],
         "vision": [(79.39, 86.96), (78.95, 86.74), (76.72, 84.85), (79.23, 87.03)],
@@ -118,8 +131,9 @@ def _rows() -> Dict[str, Row]:
         rows.append(Row(f"zostar-{branch}", f"{BRANCHES[branch]} w/ ZO, ZO*", base, naive))
         rows.append(Row(f"sign-{branch}", f"{BRANCHES[branch]} w/ ZO, Sign", (*base, "--sign", "coordinate"), sign))
     zofc = ("--adapter", "parallel", "--classifier", "linear", "--queries", "4")
-    rows.append(Row("zofc", "ZO-FC: ZO adapter (q=4), FO linear head", (*zofc, "--zo-branch", "vision")))
-    rows.append(Row("zofc-fo", "ZO-FC model, all FO", (*zofc, "--zo-branch", "none")))
+    rows.append(Row("zofc", "ZO-FC: ZO adapter (q=4), FO linear head", (*zofc, "--zo-branch", "vision"),
+                    baseline="zofc-fo"))
+    rows.append(Row("zofc-fo", "ZO-FC model, all FO", (*zofc, "--zo-branch", "none"), baseline="zofc-fo"))
     return {row.name: row for row in rows}
 
 
@@ -128,12 +142,12 @@ ROWS = _rows()
 
 @dataclass(frozen=True)
 class Table:
-    """A paper table: its rows, the row every Δ is taken against, and a caption."""
+    """A paper table: its rows, the row every Δ is taken against (``None``: each row's own baseline), a caption."""
 
     key: str
     title: str
     rows: Tuple[str, ...]
-    baseline: str
+    baseline: Optional[str]
     caption: str
 
 
@@ -160,7 +174,38 @@ TABLES: Dict[str, Table] = {
 }
 
 
+SETS: Dict[str, Table] = {
+    "seeds": Table("seeds", "Rows over seeds", ("moe-fo", "moe-dual", "moe-vision", "moe-language",
+                                               "mozo-dual-hop-odd", "mozo-dual-hop-even", "zofc-fo", "zofc"), None,
+                   "Table 1's MoE rows, MoZO on Dual Hop-odd / Hop-even, ZO-FC and its setting all FO: the rows the "
+                   "README compares over seeds. \u0394 is against the FO baseline of the same adapter."),
+}
+"""Named selections of rows beyond the paper tables (``--rows seeds``); not in the default selection."""
+
+
 # --------------------------------------------------------------------------------------------------- runs
+
+
+def clip_cl_command(arguments: Sequence[str], out: Path, data_root: Path, extra: Sequence[str],
+                    threads: Optional[int]) -> List[str]:
+    """The ``clip_cl.py`` command of one run writing to ``out``."""
+    command = [sys.executable, *CLIP_CL, *arguments, "--data-root", str(data_root), "--out", str(out),
+               "--no-progress", *extra]
+    return command + (["--threads", str(threads)] if threads is not None else [])
+
+
+def execute(command: Sequence[str], out: Path) -> Tuple[bool, str]:
+    """Run ``command`` with its output in ``out/log.txt``; returns (succeeded, status line)."""
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(out / "log.txt", "w") as log:
+        log.write(shlex.join(command) + "\n")
+        log.flush()
+        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=_measure.REPO_ROOT)
+    minutes = (time.perf_counter() - start) / 60
+    if done.returncode != 0:
+        return False, f"FAILED ({done.returncode}) after {minutes:.1f} min, see {out / 'log.txt'}"
+    return True, f"ran in {minutes:.1f} min"
 
 
 def run_row(row: Row, preset: str, runs_dir: Path, data_root: Path, extra: Sequence[str],
@@ -169,20 +214,7 @@ def run_row(row: Row, preset: str, runs_dir: Path, data_root: Path, extra: Seque
     out = runs_dir / row.name
     if (out / "results.json").is_file():
         return row.name, "kept (results.json exists)"
-    out.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, *CLIP_CL, *row.arguments(preset), "--data-root", str(data_root),
-               "--out", str(out), "--no-progress", *extra]
-    if threads is not None:
-        command += ["--threads", str(threads)]
-    start = time.perf_counter()
-    with open(out / "log.txt", "w") as log:
-        log.write(shlex.join(command) + "\n")
-        log.flush()
-        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=_measure.REPO_ROOT)
-    minutes = (time.perf_counter() - start) / 60
-    if done.returncode != 0:
-        return row.name, f"FAILED ({done.returncode}) after {minutes:.1f} min, see {out / 'log.txt'}"
-    return row.name, f"ran in {minutes:.1f} min"
+    return row.name, execute(clip_cl_command(row.arguments(preset), out, data_root, extra, threads), out)[1]
 
 
 def load_results(runs_dir: Path) -> Dict[str, Dict[str, Any]]:
@@ -204,25 +236,31 @@ def _cell(value: Optional[float], signed: bool = False) -> str:
     return f"{value:+.2f}" if signed else f"{value:.2f}"
 
 
+def _baseline_of(table: Table, name: str) -> str:
+    """The row Δ of ``name`` is taken against in ``table``: the table's baseline, LoRA rows' own FO baseline in a
+    MoE table, or the row's own baseline in a table without one."""
+    if table.baseline is None or (ROWS[name].baseline == "lora-fo" and table.baseline == "moe-fo"):
+        return ROWS[name].baseline
+    return table.baseline
+
+
 def table_markdown(table: Table, results: Dict[str, Dict[str, Any]], preset: str) -> str:
     """Our Last/Avg (and Δ against the table's baseline) next to the paper's, one line per row."""
-    baseline = results.get(table.baseline)
     lines = []
     for name in table.rows:
         row = ROWS[name]
+        baseline_name = _baseline_of(table, name)
+        baseline = results.get(baseline_name)
         label = row.display(preset)
         paper_last, paper_avg = row.paper if row.paper else (None, None)
-        paper_baseline = ROWS[table.baseline].paper
-        if name.startswith("lora") and table.baseline == "moe-fo":
-            paper_baseline = ROWS["lora-fo"].paper
+        paper_baseline = ROWS[baseline_name].paper
         paper_delta = paper_last - paper_baseline[0] if row.paper and paper_baseline else None
         r = results.get(name)
         if r is None:
             lines.append([label, "not run", "", "", "", _cell(paper_last), _cell(paper_avg),
                           _cell(paper_delta, True), "", "", ""])
             continue
-        own_baseline = results.get("lora-fo") if name.startswith("lora") and table.baseline == "moe-fo" else baseline
-        delta = r["last"] - own_baseline["last"] if own_baseline else None
+        delta = r["last"] - baseline["last"] if baseline else None
         steps = max(r["steps"], 1)
         lines.append([label, _cell(r["last"]), _cell(r["avg"]), _cell(delta, True), _cell(r["forgetting"]),
                       _cell(paper_last), _cell(paper_avg), _cell(paper_delta, True),
@@ -248,7 +286,7 @@ def plot_table(table: Table, results: Dict[str, Dict[str, Any]], path: Path, pre
     present = [name for name in table.rows if name in results]
     if not present:
         return None
-    if table.baseline in results and table.baseline not in present:
+    if table.baseline is not None and table.baseline in results and table.baseline not in present:
         present.insert(0, table.baseline)  # every Δ is against it, so show it too
     figure = Figure(figsize=(8.5, 4.5))
     FigureCanvasAgg(figure)
@@ -256,7 +294,8 @@ def plot_table(table: Table, results: Dict[str, Dict[str, Any]], path: Path, pre
     others = [name for name in present if name != table.baseline]
     styles = {name: {"color": color, "linestyle": ("-", "-.")[index % 2]}
               for index, (name, color) in enumerate(zip(others, _palette(len(others))))}
-    styles[table.baseline] = {"color": "black", "linestyle": "--", "linewidth": 1.8}
+    if table.baseline is not None:
+        styles[table.baseline] = {"color": "black", "linestyle": "--", "linewidth": 1.8}
     tasks = 0
     for name in present:
         seen = results[name]["seen_acc"]
@@ -321,6 +360,144 @@ def write_report(results: Dict[str, Dict[str, Any]], tables: Sequence[Table], ar
     return "\n".join(lines) + "\n"
 
 
+# ------------------------------------------------------------------------------------ tuning and seeds
+
+
+def make_sweep(args: argparse.Namespace, selected: Sequence[str]) -> _sweep.Sweep:
+    """The tuning and seed runs of ``selected`` (plus their FO baselines) that ``args`` asks for."""
+    baselines = {name: row.baseline for name, row in ROWS.items()}
+    rows = _sweep.with_baselines(selected, baselines)
+    return _sweep.Sweep(rows, {name: _sweep.row_kind(ROWS[name].flags) for name in rows}, baselines, args.runs_dir,
+                        seeds=args.seeds, tune=args.tune, validation_fraction=args.validation_fraction,
+                        tune_seed=args.tune_seed, extra=shlex.split(args.clip_args),
+                        row_arguments={name: ROWS[name].arguments(args.preset) for name in rows})
+
+
+def _knobs_text(sweep: _sweep.Sweep, name: str) -> str:
+    if not sweep.tune:
+        return "preset defaults"
+    knobs = sweep.knobs(name)
+    if knobs is None:
+        return "tuning incomplete"
+    return ", ".join(f"{_tuning.KNOB_FLAGS[key]} {value:g}" for key, value in knobs.items())
+
+
+def reproduce_command(sweep: _sweep.Sweep, name: str, seed: int, threads: Optional[int]) -> Optional[str]:
+    """The ``clip_cl.py`` command that repeats ``name``'s run with ``seed`` bit for bit (see the report's
+    conditions); ``None`` while its knobs are not chosen."""
+    knobs = sweep.knobs(name)
+    if knobs is None:
+        return None
+    run = sweep.seed_run(name, seed, knobs)
+    result = sweep.results.get(run.key)
+    if result is not None and "numerics" in result:
+        threads = result["numerics"]["torch_threads"]
+    arguments = [*run.arguments, *(["--threads", str(threads)] if threads else [])]
+    return "python -m examples.clip_cl " + shlex.join(arguments)
+
+
+def seeds_report(sweep: _sweep.Sweep, args: argparse.Namespace, info: Dict[str, Any], statuses: Dict[str, str],
+                 argv: Optional[Sequence[str]], threads: Optional[int]) -> Tuple[str, Dict[str, Any]]:
+    """Markdown and JSON of a multi-seed sweep: results over seeds with paired intervals, per-seed values, the
+    tuning search and the commands that repeat each row."""
+    labels = {name: ROWS[name].display(args.preset) for name in ROWS}
+    order = list(sweep.rows)
+    summary = _seeds.summarize(sweep.seed_results(), sweep.baselines)
+    knobs = {name: _knobs_text(sweep, name) for name in order}
+    tuning = {name: sweep.tuning_record(name) for name in order} if sweep.tune else {}
+    grid = _tuning.GRID
+    seeds_text = ", ".join(str(seed) for seed in sweep.seeds) or "none"
+    lines = [
+        f"# Continual-learning accuracy over seeds, `{args.preset}` preset",
+        "",
+        _measure.environment_markdown(info, _measure.command_line("benchmarks.accuracy", argv),
+                                      _measure.load_average()),
+        f"- Runs: `{args.runs_dir}` (`tuning/<row>/<knobs>/`, `{'seeds' if sweep.tune else 'seeds-untuned'}/<row>/"
+        "seed<k>/`; each folder's log.txt has the command, results.json the config, versions, checkpoint sha256 "
+        "and numerics).",
+        f"- Seeds {seeds_text}: every row once per seed (`clip_cl.py --seed k`: data order, augmentation, routing "
+        "noise and ZO directions), trained on the whole training set and evaluated on the test set. Mean \u00b1 "
+        "sample standard deviation (n\u22121) over seeds.",
+        "- \u0394 = row minus the FO baseline of the same adapter, paired by seed (same data order and "
+        f"augmentation), mean with a 95% Student-t interval, mean \u00b1 t\u00b7s/\u221an ({_seeds.t_note(summary)}). "
+        "An interval that includes 0 establishes no difference.",
+    ]
+    if sweep.tune:
+        fo_runs, zo_runs = grid.budget
+        lines.append(
+            f"- Knobs tuned on a validation split, never the test set: {sweep.validation_fraction:g} of each "
+            "class's training images held out (split seed fixed, independent of the training seed), the rest "
+            f"trained on, tuning seed {sweep.tune_seed}. FO rows: `--lr` in {list(grid.fo_lr)} ({fo_runs} runs). "
+            f"ZO rows: `--lr` fixed at their FO baseline's choice; `--zo-lr` in {list(grid.zo_lr)} at "
+            f"`--eps-language` {grid.default_eps:g}, then `--eps-language` in {list(grid.eps)} at the best ZO lr "
+            f"({zo_runs} runs; the vision eps follows as in clip_cl.py, half with `--mozo`). Choice: highest "
+            "validation Last, ties by Avg.")
+    else:
+        lines.append("- Not tuned: every row with its preset's learning rate and eps (`--zo-lr` = `--lr`).")
+    if args.report_only:
+        lines.append("- Built with `--report-only` from runs made earlier: machine, versions, date and commit above "
+                     "are this report's; each run's own are in its results.json.")
+    if statuses:
+        failed = {key: status for key, status in statuses.items() if status.startswith("FAILED")}
+        lines.append(f"- This invocation ran {len(statuses)} runs" + (f"; failed: {failed}" if failed else "") + ".")
+    lines += ["", "## Results", "", _seeds.results_table(summary, order, labels, knobs), ""]
+    lines += [f"- {sentence}" for sentence in _seeds.findings(summary, order, labels)]
+    plot = _seeds.plot_seeds(summary, order, labels, args.out.with_suffix(".png"),
+                             f"{args.preset} preset, seeds {seeds_text}")
+    if plot is not None:
+        lines += ["", f"![accuracy over seeds]({plot.name})"]
+    if summary:
+        lines += ["", "## Per seed", "", _seeds.per_seed_table(summary, order, labels)]
+    if tuning:
+        lines += ["", "## Tuning on the validation split", "",
+                  "Validation Last / Avg of every tuning run (accuracy on held-out training images of the seen "
+                  "classes); the chosen run is marked, with the knobs at the edge of their grid, where the best "
+                  "value may lie outside it.", "", _seeds.tuning_table(tuning, order, labels)]
+    commands = {name: reproduce_command(sweep, name, (sweep.seeds or [0])[0], threads) for name in order}
+    lines += ["", "## Reproducing a run", "",
+              "Each command repeats that row's run bit for bit (losses and accuracy matrix) given the same "
+              "checkpoint, torch and open_clip versions, thread count and CPU kernel path (results.json: "
+              "`checkpoint_sha256`, `versions`, `numerics`); change `--seed` for the other seeds. Other thread counts "
+              "or CPUs round differently and part after a few steps (benchmarks/README.md, Reproducibility).", "",
+              "```bash", *(f"{command}  # {labels[name]}" for name, command in commands.items() if command), "```"]
+    record = {
+        "environment": info,
+        "method": {"seeds": list(sweep.seeds), "tuned": sweep.tune, "validation_fraction": sweep.validation_fraction,
+                   "tune_seed": sweep.tune_seed, "grid": grid.to_dict() if sweep.tune else None,
+                   "confidence": 0.95, "std": "sample (n-1)"},
+        "tuning": tuning,
+        "rows": {name: {"label": labels[name], "knobs": sweep.knobs(name), "command": commands[name],
+                        **summary[name]} for name in order if name in summary},
+    }
+    return "\n".join(lines) + "\n", record
+
+
+def run_sweep(args: argparse.Namespace, selected: Sequence[str], threads: Optional[int],
+              argv: Optional[Sequence[str]]) -> Dict[str, Any]:
+    """``--tune`` and/or ``--seeds``: run what is missing (unless ``--report-only``), write the multi-seed report."""
+    sweep = make_sweep(args, selected)
+    if args.dry_run:
+        for run in sweep.pending():
+            print(shlex.join(clip_cl_command(run.arguments, run.out, args.data_root, (), threads)))
+        print("(later tuning coordinates and tuned seed runs are named once the runs they depend on finish)")
+        return {}
+    info = _measure.environment()
+    statuses: Dict[str, str] = {}
+    if args.report_only:
+        sweep.load_finished()
+    else:
+        def start(run: _sweep.Run) -> Tuple[bool, str]:
+            return execute(clip_cl_command(run.arguments, run.out, args.data_root, (), threads), run.out)
+
+        statuses = sweep.execute(start, args.jobs, report=lambda run, status: print(f"{run.out}: {status}",
+                                                                                     flush=True))
+    report, record = seeds_report(sweep, args, info, statuses, argv, threads)
+    _measure.write_text(args.out, report)
+    _measure.write_text(args.out.with_suffix(".json"), json.dumps(record, indent=1) + "\n")
+    print(report)
+    return record
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Any]]:
     """Run the selected rows (skipping finished ones) and write the tables, plots and a JSON summary."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.split("\n\n")[0],
@@ -330,20 +507,31 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Any]]:
                              "smoke (seconds)")
     parser.add_argument("--smoke", action="store_true", help="shorthand for --preset smoke --only moe-language")
     parser.add_argument("--rows", type=_measure.split_list, default=list(TABLES),
-                        help=f"comma-separated tables to run and report: {', '.join(TABLES)}")
+                        help=f"comma-separated tables to run and report: {', '.join(TABLES)}; or a named set: "
+                             f"{', '.join(SETS)} (default: every table)")
     parser.add_argument("--only", type=_measure.split_list, default=None,
                         help="comma-separated row names to run (default: every row of --rows)")
     parser.add_argument("--jobs", type=int, default=1, help="rows run in parallel")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per run (default: 1 when --jobs > 1, else torch's choice)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the single-seed tables")
+    parser.add_argument("--seeds", type=lambda value: [int(s) for s in _measure.split_list(value)], default=[],
+                        help="comma-separated seeds, e.g. 0,1,2: run every selected row (and its FO baseline) once "
+                             "per seed and write the multi-seed report (mean +/- std, paired 95%% intervals)")
+    parser.add_argument("--tune", action="store_true",
+                        help="tune each selected row's knobs on a validation split first (--lr of FO rows; --zo-lr, "
+                             "then --eps-language of ZO rows; same number of runs) and run --seeds with the choice")
+    parser.add_argument("--validation-fraction", type=float, default=0.1,
+                        help="--tune: share of each class's training images held out for validation")
+    parser.add_argument("--tune-seed", type=int, default=0, help="--tune: training seed of the tuning runs")
     parser.add_argument("--clip-args", default="", help="extra flags for every clip_cl.py run, e.g. "
                                                         "'--max-steps-per-task 10'")
     parser.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
     parser.add_argument("--runs-dir", type=Path, default=None,
                         help="where the runs go (default: runs/benchmarks/accuracy-<preset>)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="markdown report (default: benchmarks/results/accuracy_<preset>.md)")
+                        help="markdown report (default: benchmarks/results/accuracy_<preset>.md, or "
+                             "accuracy_<preset>_seeds.md with --seeds/--tune)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: write the tables from the results already in --runs-dir")
@@ -355,14 +543,26 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Any]]:
         for row in ROWS.values():
             print(f"{row.name:>22}  {row.display(args.preset):<40} {' '.join(row.arguments(args.preset))}")
         return {}
-    unknown = (set(args.rows) - TABLES.keys()) | (set(args.only or ()) - ROWS.keys())
+    unknown = (set(args.rows) - TABLES.keys() - SETS.keys()) | (set(args.only or ()) - ROWS.keys())
     if unknown:
         parser.error(f"unknown tables or rows: {sorted(unknown)} (see --list)")
+    if not 0.0 < args.validation_fraction < 1.0:
+        parser.error(f"--validation-fraction must lie in (0, 1), got {args.validation_fraction}")
+    multi_seed = bool(args.seeds) or args.tune
     args.runs_dir = args.runs_dir or _measure.REPO_ROOT / "runs" / "benchmarks" / f"accuracy-{args.preset}"
-    args.out = args.out or _measure.RESULTS_DIR / f"accuracy_{args.preset}.md"
-    tables = [key for key in TABLES if key in args.rows]
-    selected = args.only or list(dict.fromkeys(name for key in tables for name in TABLES[key].rows))
+    args.out = args.out or _measure.RESULTS_DIR / f"accuracy_{args.preset}{'_seeds' if multi_seed else ''}.md"
+    all_tables = {**TABLES, **SETS}
+    tables = [key for key in all_tables if key in args.rows]
+    selected = args.only or list(dict.fromkeys(name for key in tables for name in all_tables[key].rows))
     threads = args.threads if args.threads is not None else (1 if args.jobs > 1 else None)
+    if multi_seed:
+        if (args.preset in ("cpu", "smoke") and not args.report_only and not args.dry_run
+                and not TINY_CHECKPOINT.is_file()):
+            raise SystemExit(f"{TINY_CHECKPOINT} is missing; create it with `python -m examples.tiny_clip pretrain`")
+        try:
+            return run_sweep(args, selected, threads, argv)
+        except _sweep.StaleRunError as error:
+            raise SystemExit(str(error)) from error
     extra = ["--seed", str(args.seed), *shlex.split(args.clip_args)]
 
     if args.dry_run:
@@ -385,7 +585,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Any]]:
             statuses[name] = status
             print(f"{name}: {status}", flush=True)
     results = load_results(args.runs_dir)
-    sections = [TABLES[key] for key in tables]
+    sections = [all_tables[key] for key in tables]
     if args.smoke:
         sections = [Table("runs", "Smoke run", tuple(selected), "moe-fo",
                           "The examples' smoke preset: a few steps on 2 tasks of 5 classes; checks the pipeline "

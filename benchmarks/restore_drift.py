@@ -56,7 +56,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 row[restore] = relative_drift(dtype, restore, distribution, args.steps)
             rows.append(row)
             print(row, flush=True)
-    command = _measure.command_line("-m benchmarks.restore_drift", argv)
+    command = _measure.command_line("benchmarks.restore_drift", argv)
     table = _measure.markdown_table(
         ["directions", "dtype", "`restore=\"exact\"`", "`restore=\"inplace\"`"],
         [[r["distribution"], r["dtype"], f"{r['exact']:.1e}", f"{r['inplace']:.1e}"] for r in rows],

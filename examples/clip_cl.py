@@ -18,7 +18,9 @@ Examples (from the repository root, after ``pip install -e ".[examples]"``)::
     python -m examples.clip_cl --preset paper --zo-branch language --zo-layers hop-even
 
 Writes ``results.json`` (config, class order, tasks, accuracy matrix, Last/Avg/forgetting, pass counts, time,
-peak memory, per-step losses) and ``accuracy_loss.png`` to ``--out``.
+peak memory, per-step losses, the evaluated split, the thread count and kernel path) and ``accuracy_loss.png`` to
+``--out``. With the same flags, checkpoint, versions, thread count and CPU kernel path, a run repeats its losses
+and accuracy matrix bit for bit (see ``reproducibility.py``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import random
 import re
 import shlex
 import sys
@@ -120,7 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--max-train-per-class", type=int, default=None,
                       help="use at most this many training images per class (default: all)")
     data.add_argument("--max-test-per-class", type=int, default=None,
-                      help="use at most this many test images per class (default: all)")
+                      help="use at most this many test (or validation) images per class (default: all)")
+    data.add_argument("--validation-fraction", type=float, default=0.0,
+                      help="hold out this share of every class's training images (chosen with "
+                           "--validation-seed, not --seed), train on the rest and report accuracy on the held-out "
+                           "images instead of the test set (for tuning); 0: train on all, test on the test set")
+    data.add_argument("--validation-seed", type=int, default=None,
+                      help="seed of the validation split (fixed, independent of the training --seed; default: "
+                           "examples.data.VALIDATION_SEED)")
 
     model = parser.add_argument_group("model and adapters")
     model.add_argument("--model", default="ViT-B-16",
@@ -159,7 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="linear warm-up steps of the cosine schedule, restarted every task")
     training.add_argument("--seed", type=int, default=0, help="seed of data order, routing noise, ZO directions")
     training.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    training.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    training.add_argument("--threads", type=int, default=None,
+                          help="torch CPU threads (default: torch's choice, which depends on the machine; results "
+                               "are reproducible for a fixed thread count only)")
+    training.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True,
+                          help="torch.use_deterministic_algorithms for the run (warn-only on CUDA)")
     training.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes")
 
     zo = parser.add_argument_group("zeroth-order placement (every trainable parameter not placed here is FO)")
@@ -215,6 +227,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.out is None:
         placement = "fo" if args.zo_branch == "none" else f"zo-{args.zo_branch}-{args.zo_layers.replace(':', '')}"
         placement += "-mozo" if args.mozo else ""
+        placement += "-val" if args.validation_fraction > 0 else ""
         args.out = f"runs/{args.preset or 'custom'}-{args.dataset}-{placement}-seed{args.seed}"
     return args
 
@@ -319,6 +332,25 @@ def load_datasets(args: argparse.Namespace) -> tuple[Any, Any]:
     return train, test
 
 
+def evaluation_split(args: argparse.Namespace, train: Any, test: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """The images to train on, the images to report accuracy on, and a record of which they are.
+
+    With ``--validation-fraction F > 0``: F of every class's *training* images held out (seeded by
+    ``--validation-seed``), training on the rest and evaluation on the held-out ones; the test set is not used.
+    Otherwise the whole training set and the test set.
+    """
+    from .data import VALIDATION_SEED, split_validation
+
+    if args.validation_fraction <= 0:
+        return train, test, {"split": "test", "validation_fraction": 0.0}
+    if args.validation_seed is None:
+        args.validation_seed = VALIDATION_SEED
+    rest, held_out = split_validation(train, args.validation_fraction, args.validation_seed)
+    return rest, held_out, {"split": "validation", "validation_fraction": args.validation_fraction,
+                            "validation_seed": args.validation_seed, "held_out_images": len(held_out),
+                            "training_images": len(rest)}
+
+
 def format_accuracy_table(acc_matrix: np.ndarray, seen_acc: Sequence[float]) -> str:
     """Text table: one row per training stage, accuracy (%) per task seen so far and on all seen classes."""
     num_tasks = len(seen_acc)
@@ -343,26 +375,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     import torch
 
+    from .reproducibility import pinned_numerics
+
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device} requested but CUDA is not available; pass --device cpu")
-    threads_before = torch.get_num_threads()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    try:
+    # Threads and deterministic kernels are restored afterwards: main() may be called in-process (tests).
+    with pinned_numerics(args.threads, args.device, args.deterministic):
         return _run(args, argv)
-    finally:
-        torch.set_num_threads(threads_before)  # main() may be called in-process (tests)
 
 
 def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
     """The body of :func:`main` for parsed ``args``."""
-    import numpy as np
     import open_clip
     import torch
 
     from .adapters import freeze_backbone
     from .data import class_order, split_tasks
     from .plots import plot_accuracy_and_loss
+    from .reproducibility import numerics_fingerprint, seed_global_generators
     from .protocol import (
         LinearHeadClassifier,
         TextPromptClassifier,
@@ -373,9 +403,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]
         run_class_incremental,
     )
 
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
+    seed_global_generators(args.seed)
 
     model, preprocess_train, preprocess_eval, tokenizer = load_model(args)
     weights = checkpoint_file(args)
@@ -383,7 +411,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]
     freeze_backbone(model, trainable)
     model.to(args.device)
 
-    train_source, test_source = load_datasets(args)
+    train_source, test_source, evaluation = evaluation_split(args, *load_datasets(args))
     order = class_order(len(train_source.classnames))
     num_tasks = args.tasks or (len(order) - args.first_class) // args.classes_per_task
     tasks = split_tasks(order, num_tasks, args.classes_per_task, args.first_class)
@@ -435,6 +463,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]
         "trainable_parameters": num_trainable,
         "checkpoint_sha256": None if weights is None else hashlib.sha256(weights.read_bytes()).hexdigest(),
         "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__},
+        "evaluation": evaluation,
+        "numerics": numerics_fingerprint(),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -443,6 +473,9 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]
              f"{' MoZO' if args.mozo else ''}, Last {results['last']:.1f}, Avg {results['avg']:.1f}")
     plot_accuracy_and_loss(record.seen_acc, record.losses, record.task_start_steps, out / "accuracy_loss.png", title)
 
+    if evaluation["split"] == "validation":
+        print(f"accuracy on held-out training images ({args.validation_fraction:g} of each class, validation split), "
+              "not on the test set")
     print(format_accuracy_table(record.acc_matrix, record.seen_acc))
     print(f"Last {results['last']:.2f}  Avg {results['avg']:.2f}  forgetting {results['forgetting']:.2f}  "
           f"| {record.steps} steps, {record.forward_passes} forwards, {record.backward_passes} backwards, "

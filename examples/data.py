@@ -225,6 +225,104 @@ def load_image_folder(root: str | Path, split: str) -> ImageFolderImages:
     )
 
 
+VALIDATION_SEED = 31337
+"""Seed of the validation split: fixed, and independent of the training ``--seed``."""
+
+
+def augmentation_seed(seed: int, task: int, epoch: int, index: int) -> int:
+    """The seed of one image's augmentation: a well-mixed function of the run seed, task, epoch and image.
+
+    ``index`` is the image's position in its root dataset (:func:`source_index`), so the same image gets the same
+    augmentation whichever subset (validation split, ``--max-train-per-class``) or batch it lands in, and
+    whichever DataLoader worker loads it.
+
+    Examples:
+        >>> augmentation_seed(0, 1, 0, 7) == augmentation_seed(0, 1, 0, 7) != augmentation_seed(1, 0, 0, 7)
+        True
+    """
+    return int(np.random.SeedSequence([seed, task, epoch, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+@dataclass(eq=False)
+class SubsetImages:
+    """Some images of another dataset, renumbered from 0, with the same interface as the full dataset.
+
+    Attributes:
+        source: The dataset the images come from.
+        indices: Index in ``source`` of each image of the subset.
+    """
+
+    source: LabeledImages | ImageFolderImages | SubsetImages
+    indices: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.indices = np.asarray(self.indices, dtype=np.int64)
+        self.labels = np.asarray(self.source.labels)[self.indices]
+        self.classnames = self.source.classnames
+        self.superclass_of = self.source.superclass_of
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def image(self, index: int) -> Image.Image:
+        """Return image ``index`` of the subset as an RGB PIL image."""
+        return self.source.image(int(self.indices[index]))
+
+
+def source_index(dataset: LabeledImages | ImageFolderImages | SubsetImages, index: int) -> int:
+    """Position of ``dataset``'s image ``index`` in the root dataset (through any :class:`SubsetImages`)."""
+    while isinstance(dataset, SubsetImages):
+        index, dataset = int(dataset.indices[index]), dataset.source
+    return int(index)
+
+
+def validation_indices(labels: np.ndarray, fraction: float, seed: int = VALIDATION_SEED) -> np.ndarray:
+    """Pick ``fraction`` of every class's images to hold out for validation.
+
+    Each class ``c`` with ``n`` images gives ``max(1, round(fraction * n))`` of them (none when ``fraction`` is 0),
+    drawn without replacement by a generator seeded with ``(seed, c)``: the choice for a class depends on that
+    class's images and ``seed`` only, not on the training seed, the task split or the other classes.
+
+    Args:
+        labels: int array ``(N,)`` of the labels of a *training* set (never hold out test images).
+        fraction: Share of each class to hold out, in ``[0, 1)``.
+        seed: Seed of the split; default :data:`VALIDATION_SEED`.
+
+    Returns:
+        Sorted int64 array of the held-out indices.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"fraction must lie in [0, 1), got {fraction}")
+    labels = np.asarray(labels)
+    if fraction == 0.0:
+        return np.empty(0, dtype=np.int64)
+    held_out = [np.empty(0, dtype=np.int64)]
+    for c in np.unique(labels):
+        class_indices = np.flatnonzero(labels == c)
+        count = min(len(class_indices) - 1, max(1, round(fraction * len(class_indices))))
+        generator = np.random.default_rng([seed, int(c)])
+        held_out.append(generator.choice(class_indices, size=count, replace=False))
+    return np.sort(np.concatenate(held_out)).astype(np.int64)
+
+
+def split_validation(
+    train: LabeledImages | ImageFolderImages, fraction: float, seed: int = VALIDATION_SEED
+) -> tuple[SubsetImages, SubsetImages]:
+    """Split a training set into ``(rest, validation)`` with :func:`validation_indices`.
+
+    Args:
+        train: The training images (the test set is never split).
+        fraction: Share of each class to hold out, in ``(0, 1)``.
+        seed: Seed of the split; default :data:`VALIDATION_SEED`.
+
+    Returns:
+        The images to train on and the held-out images, as two disjoint :class:`SubsetImages` of ``train``.
+    """
+    held_out = validation_indices(train.labels, fraction, seed)
+    rest = np.setdiff1d(np.arange(len(train)), held_out, assume_unique=True)
+    return SubsetImages(train, rest), SubsetImages(train, held_out)
+
+
 def indices_of_classes(
     labels: np.ndarray, classes: Sequence[int], per_class: int | None = None
 ) -> np.ndarray:
@@ -258,13 +356,19 @@ class ImageDataset(torch.utils.data.Dataset):
         source: The dataset to draw from.
         indices: Indices into ``source`` that make up this subset.
         transform: Maps an RGB PIL image to a tensor (e.g. a CLIP preprocess).
+        augmentation_key: If given, ``(seed, task)``: every image's transform runs with torch's global
+            generator temporarily seeded by ``augmentation_seed(seed, task, self.epoch, source index)``, so
+            a random augmentation depends on the image, the run and the epoch only, never on batch order,
+            DataLoader workers or what else drew random numbers; default ``None`` (the transform draws from
+            the global generator as it stands).
     """
 
     def __init__(
         self,
-        source: LabeledImages | ImageFolderImages,
+        source: LabeledImages | ImageFolderImages | SubsetImages,
         indices: Sequence[int],
         transform: Callable[[Image.Image], torch.Tensor],
+        augmentation_key: tuple[int, int] | None = None,
     ) -> None:
         self.source = source
         self.indices = np.asarray(indices, dtype=np.int64)
@@ -272,10 +376,20 @@ class ImageDataset(torch.utils.data.Dataset):
             raise ValueError(f"indices must lie in [0, {len(source)}), got range "
                              f"[{self.indices.min()}, {self.indices.max()}]")
         self.transform = transform
+        self.augmentation_key = augmentation_key
+        self.epoch = 0
+        """Set by the training loop before each pass over the data (a key of the augmentation seed)."""
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, item: int) -> tuple[torch.Tensor, int]:
         index = int(self.indices[item])
-        return self.transform(self.source.image(index)), int(self.source.labels[index])
+        image = self.source.image(index)
+        if self.augmentation_key is None:
+            return self.transform(image), int(self.source.labels[index])
+        seed, task = self.augmentation_key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(augmentation_seed(seed, task, self.epoch, source_index(self.source, index)))
+            tensor = self.transform(image)
+        return tensor, int(self.source.labels[index])

@@ -23,7 +23,9 @@ Protocol choices (after MoE-Adapters4CL, Yu et al., CVPR 2024, which both papers
 * A fresh optimizer and a fresh warm-up + cosine learning-rate schedule are built for every task (the
   schedule restarts per task, as in MoE-Adapters4CL, whose AdamW optimizer is also rebuilt per task). This
   also lets the ZO-FC linear head grow by new rows between tasks.
-* The per-task seed of the optimizer (its ZO directions) and of the data order is ``seed + task index``.
+* The per-task seed of the optimizer (its ZO directions) and of the data order is ``seed + task index``; each
+  training image's augmentation is seeded by ``(seed, task, epoch, image)`` (``data.augmentation_seed``), and
+  torch's global generator is left to the MoE routing noise.
 """
 
 from __future__ import annotations
@@ -566,8 +568,10 @@ def run_class_incremental(
         optimizer = make_optimizer(groups, optim_config, seed=train_config.seed + t)
 
         train_indices = indices_of_classes(train_source.labels, task_classes, per_class=max_train_per_class)
+        train_images = ImageDataset(train_source, train_indices, train_transform,
+                                    augmentation_key=(train_config.seed, t))
         loader = DataLoader(
-            ImageDataset(train_source, train_indices, train_transform),
+            train_images,
             batch_size=train_config.batch_size,
             shuffle=True,
             num_workers=train_config.num_workers,
@@ -586,7 +590,10 @@ def run_class_incremental(
         bar = tqdm(total=total_steps, desc=f"task {t + 1}/{num_tasks}", disable=not train_config.progress)
         task_steps = 0
         train_start = time.perf_counter()
+        epoch = 0
         while task_steps < total_steps:
+            train_images.epoch = epoch
+            epoch += 1
             for images, labels in loader:
                 images, targets = images.to(device), target_of_label[labels].to(device)
 

@@ -1,0 +1,265 @@
+"""accuracy.py --tune / --seeds: the tuning search and choice, resumable runs, and the multi-seed report.
+
+Everything here runs on hand-made results.json files (no training); the runs are simulated by a fake ``start``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import pytest
+
+from benchmarks import _sweep, _tuning, accuracy
+from benchmarks._stats import paired_interval
+from benchmarks._tuning import Score, choose, edges, knobs_tag, tuning_points
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+GRID = _tuning.GRID
+
+
+def scores_of(points, values) -> Dict[str, Score]:
+    return {knobs_tag(point): Score(*value) for point, value in zip(points, values)}
+
+
+# ------------------------------------------------------------------------------------------ tuning logic
+
+
+def test_fo_rows_search_the_lr_grid_and_pick_the_best_last_then_avg_then_grid_order():
+    points = tuning_points("fo", {})
+    assert points == [{"lr": lr} for lr in GRID.fo_lr] and len(points) == _tuning.TUNING_BUDGET
+    assert choose("fo", scores_of(points[:4], [(10, 30)] * 4)) is None  # incomplete
+    scores = scores_of(points, [(10.0, 30.0), (12.0, 31.0), (12.0, 33.0), (12.0, 33.0), (9.0, 40.0)])
+    assert choose("fo", scores) == {"lr": GRID.fo_lr[2]}  # Last ties broken by Avg, then the earlier value
+    assert edges("fo", {"lr": GRID.fo_lr[2]}) == []
+    assert edges("fo", {"lr": GRID.fo_lr[-1]}) == ["lr"]
+
+
+def test_zo_rows_wait_for_the_fo_lr_then_search_zo_lr_then_eps_at_the_best_zo_lr():
+    assert tuning_points("zo", {}, fo_lr=None) == []
+    first = tuning_points("zo", {}, fo_lr=0.02)
+    assert first == [{"lr": 0.02, "zo_lr": v, "eps_language": GRID.default_eps} for v in GRID.zo_lr]
+    scores = scores_of(first, [(5.0, 20.0), (8.0, 21.0), (7.0, 25.0)])
+    points = tuning_points("zo", scores, fo_lr=0.02)
+    assert points[3:] == [{"lr": 0.02, "zo_lr": GRID.zo_lr[1], "eps_language": eps} for eps in GRID.eps]
+    assert len(points) == GRID.budget[1] == GRID.budget[0]  # the same budget as an FO row
+    assert choose("zo", scores, fo_lr=0.02) is None
+    scores.update(scores_of(points[3:], [(8.5, 20.0), (6.0, 30.0)]))
+    assert choose("zo", scores, fo_lr=0.02) == points[3]
+    assert edges("zo", points[3]) == ["eps_language"]
+    with pytest.raises(ValueError):
+        tuning_points("hybrid", {})
+
+
+def test_knob_flags_and_tags():
+    knobs = {"lr": 0.01, "zo_lr": 0.001, "eps_language": 0.0001}
+    assert _tuning.knob_flags(knobs) == ["--lr", "0.01", "--zo-lr", "0.001", "--eps-language", "0.0001"]
+    assert knobs_tag(knobs) == "lr=0.01,zo_lr=0.001,eps_language=0.0001"
+
+
+# --------------------------------------------------------------------------------- simulated sweep runs
+
+
+def _flag(flags, name, default=None):
+    flags = list(flags)
+    return flags[flags.index(name) + 1] if name in flags else default
+
+
+def fake_result(config: Dict, last: float, avg: float, forgetting: float = 20.0, arguments=()) -> Dict:
+    """A results.json of clip_cl.py reduced to what the sweep and the reports read."""
+    return {"config": config, "last": last, "avg": avg, "forgetting": forgetting, "seen_acc": [avg + 5, avg, last],
+            "acc_matrix": [[avg + 5, None, None], [avg, avg, None], [last, last, last]], "steps": 100,
+            "forward_passes": 100, "backward_passes": 100, "train_time_s": 60.0, "wall_time_s": 70.0,
+            "peak_memory_mib": 1000.0, "peak_memory_kind": "cpu_peak_rss", "tasks": [[0], [1], [2]],
+            "command": "python examples/clip_cl.py " + " ".join(arguments), "numerics": {"torch_threads": 1}}
+
+
+def score(row: str, config: Dict) -> Tuple[float, float]:
+    """A made-up landscape: FO best at lr 0.02, ZO best at zo_lr 0.01 and eps 1e-4; seeds add a fixed offset."""
+    last = 20.0 - abs(math.log2(config["lr"] / 0.02))
+    if "zo_lr" in config:
+        last += 3.0 - abs(math.log10(config["zo_lr"] / 0.01)) - abs(math.log10(config["eps_language"] / 1e-4))
+    last += {0: 0.0, 1: 1.5, 2: -0.7}.get(config["seed"], 0.0) + (0.4 if row != "moe-fo" else 0.0) * config["seed"]
+    return last, last + 15.0
+
+
+class FakeStart:
+    """Writes a results.json for a run, as clip_cl.py would; records the order of runs."""
+
+    def __init__(self, fail: str = "") -> None:
+        self.started: List[_sweep.Run] = []
+        self.fail = fail
+        self.lock = threading.Lock()
+
+    def __call__(self, run: _sweep.Run) -> Tuple[bool, str]:
+        with self.lock:
+            self.started.append(run)
+        if self.fail and self.fail in str(run.out):
+            return False, "FAILED (1) after 0.0 min"
+        config = {"seed": int(_flag(run.flags, "--seed")),
+                  "validation_fraction": float(_flag(run.flags, "--validation-fraction", 0.0)),
+                  "lr": float(_flag(run.flags, "--lr", 0.01))}
+        if "--zo-lr" in run.flags:
+            config.update(zo_lr=float(_flag(run.flags, "--zo-lr")),
+                          eps_language=float(_flag(run.flags, "--eps-language")))
+        last, avg = score(run.row, config)
+        run.out.mkdir(parents=True, exist_ok=True)
+        command = (*run.arguments, "--data-root", "/data", "--out", str(run.out), "--no-progress", "--threads", "1")
+        (run.out / "results.json").write_text(json.dumps(fake_result(config, last, avg, arguments=command)))
+        return True, "ran in 0.0 min"
+
+
+def make_sweep(runs_dir: Path, seeds=(0, 1, 2), tune=True, extra=()) -> _sweep.Sweep:
+    rows = _sweep.with_baselines(["moe-vision"], {"moe-vision": "moe-fo", "moe-fo": "moe-fo"})
+    assert rows == ["moe-fo", "moe-vision"]
+    return _sweep.Sweep(rows, {"moe-fo": "fo", "moe-vision": "zo"}, {"moe-fo": "moe-fo", "moe-vision": "moe-fo"},
+                        runs_dir, seeds=seeds, tune=tune, validation_fraction=0.1, tune_seed=0,
+                        row_arguments={row: accuracy.ROWS[row].arguments("cpu") for row in rows}, extra=extra)
+
+
+def test_sweep_orders_runs_by_dependency_and_resumes_without_rerunning(tmp_path):
+    start = FakeStart()
+    statuses = make_sweep(tmp_path).execute(start, jobs=2)
+    started = [run.out.relative_to(tmp_path).as_posix() for run in start.started]
+    assert len(started) == len(statuses) == 5 + 5 + 2 * 3
+    position = {name: index for index, name in enumerate(started)}
+    fo_tuning = [p for n, p in position.items() if n.startswith("tuning/moe-fo/")]
+    zo_first = [p for n, p in position.items() if n.startswith("tuning/moe-vision/") and "eps_language=0.001" in n]
+    zo_second = [p for n, p in position.items() if n.startswith("tuning/moe-vision/") and "eps_language=0.001" not in n]
+    assert max(fo_tuning) < min(zo_first) and max(zo_first) < min(zo_second)
+    assert "tuning/moe-vision/lr=0.02,zo_lr=0.01,eps_language=0.0001" in position  # eps tried at the best zo lr
+    assert max(zo_second) < min(p for n, p in position.items() if n.startswith("seeds/moe-vision/"))
+
+    resumed = make_sweep(tmp_path)
+    again = FakeStart()
+    assert resumed.execute(again, jobs=2) == {} and again.started == []  # everything kept
+    assert resumed.choice("moe-fo") == {"lr": 0.02}
+    assert resumed.choice("moe-vision") == {"lr": 0.02, "zo_lr": 0.01, "eps_language": 0.0001}
+    seeds = resumed.seed_results()
+    assert sorted(seeds["moe-vision"]) == [0, 1, 2]
+    assert seeds["moe-vision"][1]["config"] == {"seed": 1, "validation_fraction": 0.0, "lr": 0.02, "zo_lr": 0.01,
+                                                "eps_language": 0.0001}
+
+    (tmp_path / "seeds" / "moe-vision" / "seed1" / "results.json").unlink()
+    partial = FakeStart()
+    make_sweep(tmp_path).execute(partial, jobs=2)
+    assert [run.out.relative_to(tmp_path).as_posix() for run in partial.started] == ["seeds/moe-vision/seed1"]
+
+
+def test_sweep_refuses_a_finished_run_made_with_other_values(tmp_path):
+    make_sweep(tmp_path, seeds=(0,)).execute(FakeStart(), jobs=1)
+    path = tmp_path / "seeds" / "moe-fo" / "seed0" / "results.json"
+    result = json.loads(path.read_text())
+    result["config"]["lr"] = 0.005
+    path.write_text(json.dumps(result))
+    with pytest.raises(_sweep.StaleRunError, match="lr=0.005"):
+        make_sweep(tmp_path, seeds=(0,)).execute(FakeStart(), jobs=1)
+
+
+def test_sweep_refuses_runs_made_with_other_clip_args(tmp_path):
+    make_sweep(tmp_path, seeds=(0,)).execute(FakeStart(), jobs=1)
+    with pytest.raises(_sweep.StaleRunError, match="--max-steps-per-task 5"):
+        make_sweep(tmp_path, seeds=(0,), extra=("--max-steps-per-task", "5")).load_finished()
+    assert _sweep.recorded_arguments("python -m examples.clip_cl --preset cpu --data-root /d --out /o --no-progress "
+                                     "--seed 1 --threads 1") == ("--preset", "cpu", "--seed", "1")
+
+
+def test_a_failed_run_is_not_retried_and_blocks_what_depends_on_it(tmp_path):
+    start = FakeStart(fail="tuning/moe-fo/lr=0.04")
+    sweep = make_sweep(tmp_path)
+    statuses = sweep.execute(start, jobs=2)
+    assert len(start.started) == 5  # only the FO grid: without its choice nothing else can be named
+    assert sum(status.startswith("FAILED") for status in statuses.values()) == 1
+    assert sweep.choice("moe-fo") is None and sweep.seed_results() == {}
+    record = sweep.tuning_record("moe-fo")
+    assert [point["status"] for point in record["points"]].count("done") == 4 and record["choice"] is None
+
+
+def test_untuned_seed_runs_use_the_preset_and_their_own_folder(tmp_path):
+    start = FakeStart()
+    make_sweep(tmp_path, seeds=(0, 1), tune=False).execute(start, jobs=2)
+    assert sorted(run.out.relative_to(tmp_path).as_posix() for run in start.started) == [
+        "seeds-untuned/moe-fo/seed0", "seeds-untuned/moe-fo/seed1", "seeds-untuned/moe-vision/seed0",
+        "seeds-untuned/moe-vision/seed1"]
+    assert all(_flag(run.flags, "--lr") is None for run in start.started)
+
+
+# ------------------------------------------------------------------------------------------------ reports
+
+
+def test_seeds_report_on_hand_made_runs(tmp_path):
+    runs = tmp_path / "runs"
+    make_sweep(runs).execute(FakeStart(), jobs=2)
+    out = tmp_path / "accuracy_test_seeds.md"
+    record = accuracy.main(["--preset", "cpu", "--only", "moe-vision", "--tune", "--seeds", "0,1,2", "--report-only",
+                            "--runs-dir", str(runs), "--out", str(out)])
+    report = out.read_text()
+
+    lasts = {row: [score(row, {"lr": 0.02, "seed": s, **({"zo_lr": 0.01, "eps_language": 1e-4}
+                                                          if row == "moe-vision" else {})})[0] for s in (0, 1, 2)]
+             for row in ("moe-fo", "moe-vision")}
+    interval = paired_interval(lasts["moe-vision"], lasts["moe-fo"])
+    vision = record["rows"]["moe-vision"]
+    assert vision["last"]["mean"] == pytest.approx(sum(lasts["moe-vision"]) / 3)
+    assert vision["delta"]["last"]["half_width"] == pytest.approx(interval.half_width)
+    assert vision["delta"]["last"]["includes_zero"] is False  # a constant +3 gain with little spread
+    assert vision["knobs"] == {"lr": 0.02, "zo_lr": 0.01, "eps_language": 0.0001}
+    assert record["tuning"]["moe-fo"]["choice"] == {"lr": 0.02}
+    assert record["method"]["grid"]["runs_per_zo_row"] == 5
+
+    line = next(line for line in report.splitlines() if line.startswith("| Vision w/ ZO |"))
+    cells = [cell.strip() for cell in line.strip("|").split("|")]
+    mean, std = vision["last"]["mean"], vision["last"]["std"]
+    assert cells[1] == "3" and cells[2] == f"{mean:.2f} \u00b1 {std:.2f}"
+    assert cells[5] == f"{interval.mean:+.2f} [{interval.low:+.2f}, {interval.high:+.2f}]" and cells[6] == "excludes 0"
+    assert "--zo-lr 0.01" in cells[-1]
+    assert "t = 4.303 for 3 seeds, 2 dof" in report
+    assert "the interval excludes 0" in report
+    assert re.search(r"\| Vision w/ ZO \| 0\.02 \| 0\.01 \| 0\.0001 \| [\d.]+ \| [\d.]+ \| \*\*chosen\*\*", report)
+    assert ("python -m examples.clip_cl --preset cpu --adapter moe --zo-branch vision --conservative --lr 0.02 "
+            "--zo-lr 0.01 --eps-language 0.0001 --seed 0 --threads 1") in report
+    assert (out.with_suffix(".png")).stat().st_size > 0
+    assert json.loads(out.with_suffix(".json").read_text())["rows"]["moe-fo"]["seeds"] == [0, 1, 2]
+
+
+def test_seeds_report_says_when_an_interval_includes_zero(tmp_path):
+    runs = tmp_path / "runs"
+    for row, lasts in {"zofc-fo": (24.0, 19.0, 22.0), "zofc": (25.0, 18.0, 21.5)}.items():
+        for seed, last in enumerate(lasts):
+            folder = runs / "seeds-untuned" / row / f"seed{seed}"
+            folder.mkdir(parents=True)
+            arguments = (*accuracy.ROWS[row].arguments("cpu"), "--seed", str(seed), "--out", str(folder))
+            (folder / "results.json").write_text(json.dumps(fake_result(
+                {"seed": seed, "validation_fraction": 0.0, "lr": 0.01}, last, last + 14, arguments=arguments)))
+    out = tmp_path / "report.md"
+    record = accuracy.main(["--preset", "cpu", "--only", "zofc", "--seeds", "0,1,2", "--report-only",
+                            "--runs-dir", str(runs), "--out", str(out)])
+    report = out.read_text()
+    assert record["rows"]["zofc"]["baseline"] == "zofc-fo"
+    assert record["rows"]["zofc"]["delta"]["last"]["includes_zero"] is True
+    assert "includes 0, so no difference is established" in report
+    assert "Not tuned" in report and "preset defaults" in report
+
+
+def test_single_seed_tables_are_rebuilt_from_the_committed_json():
+    """The 30-row report (accuracy_cpu.md) still comes out of its JSON summary, row for row."""
+    committed = accuracy._measure.RESULTS_DIR / "accuracy_cpu.json"
+    results = json.loads(committed.read_text())["rows"]
+    report = committed.with_suffix(".md").read_text()
+    for table in accuracy.TABLES.values():
+        rebuilt = accuracy.table_markdown(table, results, "cpu")
+        assert rebuilt in report, table.key
+
+
+def test_rows_set_seeds_names_the_issue_rows():
+    assert accuracy.SETS["seeds"].rows == ("moe-fo", "moe-dual", "moe-vision", "moe-language", "mozo-dual-hop-odd",
+                                           "mozo-dual-hop-even", "zofc-fo", "zofc")
+    assert {accuracy.ROWS[name].baseline for name in accuracy.SETS["seeds"].rows} == {"moe-fo", "zofc-fo"}
+    assert accuracy.ROWS["lora-vision"].baseline == "lora-fo"
+    assert [_sweep.row_kind(accuracy.ROWS[name].flags) for name in ("moe-fo", "zofc-fo", "zofc", "mozo-dual-hop-odd")] \
+        == ["fo", "fo", "zo", "zo"]

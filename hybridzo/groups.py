@@ -278,7 +278,42 @@ def build_param_groups(
     default_options = dict(default) if default is not None else {}
     if "params" in default_options:
         raise ValueError("Invalid default: key 'params' is set by build_param_groups")
+    rule_names = _rule_names(rules)
+    layer_count_overrides = _resolve_num_layers(num_layers, rule_names)
 
+    entries = [(name, tensor, layer_index(name, compiled_layer_pattern)) for name, tensor in named_parameters]
+    taken_ids: Set[int] = set()
+    groups: List[Dict[str, Any]] = []
+    for rule_position, (rule, rule_name) in enumerate(zip(rules, rule_names)):
+        where = f"rule {rule_name!r} (#{rule_position})"
+        branch_entries = [entry for entry in entries if rule._branch_regex.search(entry[0])]
+        if not branch_entries:
+            raise ValueError(f"Invalid branch: {rule.branch!r} in {where} matches no parameter name")
+        branch_layers, source = _branch_layer_count(rule, where, branch_entries, layer_count_overrides.get(rule_name))
+        selected = [
+            tensor for _, tensor, index in branch_entries if tensor.requires_grad and rule._selects(index, branch_layers)
+        ]
+        if not selected:
+            raise ValueError(
+                f"Invalid layers: {rule.layers!r} in {where} selects no trainable parameter of branch "
+                f"{rule.branch!r} ({branch_layers} layers, {source})"
+            )
+        params = _take(selected, taken_ids)
+        if not params:
+            raise ValueError(
+                f"Invalid branch/layers: {rule.branch!r}/{rule.layers!r} in {where} select only "
+                "parameters already taken by earlier rules"
+            )
+        groups.append({"params": params, "name": rule_name, **rule.options})
+
+    default_params = _take([tensor for _, tensor, _ in entries if tensor.requires_grad], taken_ids)
+    if default_params:
+        groups.append({"params": default_params, "name": "default", **default_options})
+    return groups
+
+
+def _rule_names(rules: Sequence[GroupRule]) -> List[str]:
+    """Each rule's group name (``rule.name`` or ``f"rule{i}"``), checked to be unique."""
     for position, rule in enumerate(rules):
         if not isinstance(rule, GroupRule):
             raise TypeError(f"rules[{position}] is a {type(rule).__name__}, not a GroupRule")
@@ -290,67 +325,44 @@ def build_param_groups(
                 f"Invalid name: {name!r} of rule #{position} repeats the name of rule #{first_position[name]}"
             )
         first_position[name] = position
-    layer_count_overrides = _resolve_num_layers(num_layers, rule_names)
+    return rule_names
 
-    entries = [(name, tensor, layer_index(name, compiled_layer_pattern)) for name, tensor in named_parameters]
-    taken_ids: Set[int] = set()
-    groups: List[Dict[str, Any]] = []
-    for rule_position, (rule, rule_name) in enumerate(zip(rules, rule_names)):
-        where = f"rule {rule_name!r} (#{rule_position})"
-        branch_entries = [entry for entry in entries if rule._branch_regex.search(entry[0])]
-        if not branch_entries:
-            raise ValueError(f"Invalid branch: {rule.branch!r} in {where} matches no parameter name")
 
-        indices = [index for _, _, index in branch_entries if index is not None]
-        counted_layers = max(indices) + 1 if indices else 0
-        branch_layers = layer_count_overrides.get(rule_name, counted_layers)
-        if branch_layers < counted_layers:
-            raise ValueError(
-                f"Invalid num_layers: {branch_layers} for {where}, but branch {rule.branch!r} "
-                f"has a parameter with 0-based layer index {counted_layers - 1}"
-            )
-        kind, count = rule._layer_selector
-        source = "num_layers" if rule_name in layer_count_overrides else "counted from parameter names"
-        if kind in ("prefix", "suffix") and count > branch_layers:
-            raise ValueError(
-                f"Invalid layers: {rule.layers!r} in {where} asks for {count} layers, but branch "
-                f"{rule.branch!r} has {branch_layers} ({source})"
-            )
-        if kind == "hop-even" and branch_layers == 1:
-            raise ValueError(
-                f"Invalid layers: 'hop-even' in {where} selects nothing, branch {rule.branch!r} has 1 layer ({source})"
-            )
+def _branch_layer_count(
+    rule: GroupRule, where: str, branch_entries: Sequence[Tuple[str, torch.Tensor, Optional[int]]],
+    override: Optional[int],
+) -> Tuple[int, str]:
+    """The layer count of ``rule``'s branch and where it comes from, checked against the layer pattern."""
+    indices = [index for _, _, index in branch_entries if index is not None]
+    counted_layers = max(indices) + 1 if indices else 0
+    branch_layers = counted_layers if override is None else override
+    if branch_layers < counted_layers:
+        raise ValueError(
+            f"Invalid num_layers: {branch_layers} for {where}, but branch {rule.branch!r} "
+            f"has a parameter with 0-based layer index {counted_layers - 1}"
+        )
+    kind, count = rule._layer_selector
+    source = "counted from parameter names" if override is None else "num_layers"
+    if kind in ("prefix", "suffix") and count > branch_layers:
+        raise ValueError(
+            f"Invalid layers: {rule.layers!r} in {where} asks for {count} layers, but branch "
+            f"{rule.branch!r} has {branch_layers} ({source})"
+        )
+    if kind == "hop-even" and branch_layers == 1:
+        raise ValueError(
+            f"Invalid layers: 'hop-even' in {where} selects nothing, branch {rule.branch!r} has 1 layer ({source})"
+        )
+    return branch_layers, source
 
-        selected = [
-            tensor
-            for _, tensor, index in branch_entries
-            if tensor.requires_grad and rule._selects(index, branch_layers)
-        ]
-        if not selected:
-            raise ValueError(
-                f"Invalid layers: {rule.layers!r} in {where} selects no trainable parameter of branch "
-                f"{rule.branch!r} ({branch_layers} layers, {source})"
-            )
-        params: List[torch.Tensor] = []
-        for tensor in selected:
-            if id(tensor) not in taken_ids:
-                taken_ids.add(id(tensor))
-                params.append(tensor)
-        if not params:
-            raise ValueError(
-                f"Invalid branch/layers: {rule.branch!r}/{rule.layers!r} in {where} select only "
-                "parameters already taken by earlier rules"
-            )
-        groups.append({"params": params, "name": rule_name, **rule.options})
 
-    default_params: List[torch.Tensor] = []
-    for _, tensor, _ in entries:
-        if tensor.requires_grad and id(tensor) not in taken_ids:
+def _take(tensors: Sequence[torch.Tensor], taken_ids: Set[int]) -> List[torch.Tensor]:
+    """The tensors no earlier group took (each once, tied weights included), now marked as taken."""
+    params: List[torch.Tensor] = []
+    for tensor in tensors:
+        if id(tensor) not in taken_ids:
             taken_ids.add(id(tensor))
-            default_params.append(tensor)
-    if default_params:
-        groups.append({"params": default_params, "name": "default", **default_options})
-    return groups
+            params.append(tensor)
+    return params
 
 
 def describe_groups(groups: Sequence[Mapping[str, Any]]) -> str:

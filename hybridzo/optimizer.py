@@ -15,6 +15,7 @@ from torch.optim import Optimizer
 from .closure import ClosureRunner, CommonRandomNumbers, NonFiniteLoss
 from .directions import DirectionGenerator
 from .distributed import RankAgreement
+from .interrupts import deferred_interrupts
 from .journal import Journal
 from .options import (
     COUNTER_KEYS,
@@ -350,8 +351,12 @@ class HybridZOOptimizer(Optimizer):
                 loss = self._first_order_pass(runner, fo_groups, zo_groups)
             if zo is not None:
                 with _parked_grads([p for g in fo_groups for p in g["params"]]):
-                    loss, chosen = zo.run(loss)
-            self._commit_first_order(fo_groups, journal)
+                    loss, choice = zo.search(loss)
+                chosen = zo.chosen_name(choice)
+            with deferred_interrupts():  # the writes of the commit are not split by a Ctrl-C
+                if zo is not None:
+                    zo.commit(choice)
+                self._commit_first_order(fo_groups, journal)
         except NonFiniteLoss as bad:
             if zo is not None:
                 zo.back_to_theta()

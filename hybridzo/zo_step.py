@@ -2,8 +2,8 @@ r"""The zeroth-order part of one optimizer step: probe, select, commit.
 
 :class:`ZOStep` owns what the step's ZO part needs: the closure runner, the ZO tensors
 with their restore strategies, the direction stream and its scratch memory, the
-projected differences and the forward count. Its :meth:`~ZOStep.run` reads like the
-algorithm:
+projected differences and the forward count. Its :meth:`~ZOStep.search` and
+:meth:`~ZOStep.commit` read like the algorithm:
 
 1. **probe**: for each candidate :math:`k` and query :math:`i`, move every ZO tensor to
    :math:`\theta \pm \epsilon z_{ki}` and evaluate the loss; the projected difference is
@@ -74,19 +74,31 @@ class ZOStep:
 
     # ------------------------------------------------------------ the algorithm
 
-    def run(self, loss_at_theta: Optional[float]) -> Tuple[float, Optional[str]]:
-        """Probe, select, commit; returns the loss at theta and the chosen candidate's name."""
+    def search(self, loss_at_theta: Optional[float]) -> Tuple[float, Position]:
+        """Probe and select; returns the loss at theta and the position to commit.
+
+        Writes only the ZO parameters (probes, trial moves), never optimizer state; they end
+        the search at some position that :meth:`commit` moves from.
+        """
         needs_loss = self.settings["estimator"] == "forward" or self.settings["conservative"]
         if loss_at_theta is None and needs_loss:
             loss_at_theta = self.runner.probe("the loss at theta")
         probe_mean = self.probe(loss_at_theta)
         loss_at_theta = probe_mean if loss_at_theta is None else loss_at_theta
-        if self.settings["candidates"] > 1 or self.settings["conservative"]:
-            choice = self.select(loss_at_theta)
-            self.commit(choice)
-            return loss_at_theta, str(choice) if isinstance(choice, Move) else "theta"
-        self.commit(Move(0))
-        return loss_at_theta, None
+        if self.selects:
+            return loss_at_theta, self.select(loss_at_theta)
+        return loss_at_theta, Move(0)
+
+    @property
+    def selects(self) -> bool:
+        """Whether candidates compete by loss (``candidates > 1`` or ``conservative``)."""
+        return self.settings["candidates"] > 1 or self.settings["conservative"]
+
+    def chosen_name(self, choice: Position) -> Optional[str]:
+        """How ``last_step_info["chosen"]`` names a choice: None without selection."""
+        if not self.selects:
+            return None
+        return str(choice) if isinstance(choice, Move) else "theta"
 
     def probe(self, loss_at_theta: Optional[float]) -> Optional[float]:
         """Fill ``differences[k][i]``; returns the mean probe loss of central probes, else None."""

@@ -581,7 +581,10 @@ class Comparison:
     steps: int = 0
 
     def ratio(self, numerator: str, denominator: str) -> Optional[float]:
-        """Median over rounds of the two rows' step times in the same round; None if either did not run."""
+        """Median over rounds of ``numerator``'s step time over ``denominator``'s in the same round (paired).
+
+        None if either row did not run.
+        """
         a, b = self.rows.get(numerator), self.rows.get(denominator)
         if a is None or b is None or not a.step_s or not b.step_s:
             return None

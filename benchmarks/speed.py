@@ -1,9 +1,21 @@
-"""Time per training step in forward-equivalents, against the theoretical count and MeZO-style code.
+"""Time per training step: in forward-equivalents on a full model, and the optimizer's own work over many tensors.
 
-Every configuration's step time is divided by the time of one ``torch.no_grad()`` forward of the same
-loss on the same model and batch, timed right before it in the same process. Configurations are
-interleaved (the order rotates every repeat) and the median of the repeats is reported, so a machine
-that is shared with other jobs slows numerator and denominator alike.
+Two sets, each a section of ``speed.md`` (``--set`` runs one and keeps the other's section as it was):
+
+* **full-model**: open_clip with MoE adapters, below; a ViT-B-16 forward takes seconds on a CPU, so the
+  optimizer's own work hides behind it.
+* **many-tensors**: hundreds of LoRA-shaped tensors with a forward of three dispatched operations, so a step
+  is the optimizer's own work. ZO-SGD (hybridzo with exact and in-place restore and Rademacher directions, PyPI
+  ``mezo``, torchzero's MeZO, a plain MeZO loop) on 448 tensors of 2,048 and of 32,768 entries; FO AdamW and
+  SGD with momentum from ``.grad`` (hybridzo, and torch.optim's for-loop, foreach and fused implementations)
+  on 448 x (8x256) and 64 x (1024x1024). Rows step the same tensors in round-robin rounds; besides times it
+  counts the aten operations each step dispatches per tensor (``_dispatch.py``: on a GPU, kernel launches) and
+  sets the ratios against issue 19's targets.
+
+In the full-model set, every configuration's step time is divided by the time of one ``torch.no_grad()``
+forward of the same loss on the same model and batch, timed right before it in the same process.
+Configurations are interleaved (the order rotates every repeat) and the median of the repeats is reported,
+so a machine that is shared with other jobs slows numerator and denominator alike.
 
 Configurations (CLIP with MoE adapters, see ``_workload.py``):
 
@@ -26,21 +38,25 @@ closure) and the rest: the optimizer's own overhead (drawing directions, writing
 updates) plus, for FO groups, the backward pass. hybridzo rows also report how many full passes of direction
 generation over the ZO parameters the step made, from the optimizer's public ``last_step_info``.
 
-    python -m benchmarks.speed [--model ViT-B-16] [--batch 4] [--repeats 5] [--threads 1]
+    python -m benchmarks.speed [--set all|full-model|many-tensors] [--model ViT-B-16] [--batch 4] [--repeats 5]
+                               [--rounds 9] [--steps 3] [--smoke] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from benchmarks import _measure
+from benchmarks._dispatch import DispatchCounter
 from benchmarks._peers import TorchzeroMeZO, leave_out_missing, mezo_package_step
 from benchmarks._workload import (
     CONSERVATIVE,
@@ -396,36 +412,532 @@ def write_report(configs: Dict[str, SpeedConfig], args: argparse.Namespace, work
     return "\n".join(lines) + "\n"
 
 
+# ------------------------------------------------------------------------- many tensors, fast forward
+#
+# Hundreds of LoRA-shaped tensors and a forward that costs three dispatched operations whatever their number,
+# so that a step is the optimizer's own work: what a GPU user with adapters sees, and what the full-model
+# set above hides behind a 3.7 s forward.
+
+SETS = ("full-model", "many-tensors")
+"""The sets ``--set`` chooses from: the open_clip rows above, and the many-tensors rows below."""
+
+MANY_TENSORS_HEADING = "## Many tensors, fast forward: the optimizer's own work"
+"""Heading of the many-tensors section of ``speed.md``: everything above it is the full-model set's report."""
+
+ZO_LR, ZO_EPS, FO_LR = 1e-9, 1e-3, 1e-6
+"""Tiny steps: the tensors barely move while being timed."""
+FO_SETTINGS = {"adamw": {"weight_decay": 0.01}, "sgd": {"momentum": 0.9}}
+"""Per FO rule, the hyperparameters given to hybridzo and torch.optim alike (0.01: torch's AdamW default)."""
+FO_RULE_LABELS = {"adamw": "AdamW", "sgd": "SGD, momentum 0.9"}
+MANY_PEER_OF = {"mezo-pkg": "mezo", "tz-mezo": "torchzero"}
+"""Many-tensors rows that need an optional peer (``_peers.PEERS``): left out, with a note, where it is missing."""
+
+
+@dataclass(frozen=True)
+class TensorSet:
+    """``count`` tensors whose shapes cycle through ``shapes``, every shape with the same number of entries.
+
+    Attributes:
+        count: Number of tensors.
+        shapes: Shapes, cycled: a LoRA pair is ``((rank, width), (width, rank))``.
+    """
+
+    count: int
+    shapes: Tuple[Tuple[int, int], ...]
+
+    @property
+    def entries(self) -> int:
+        """Entries per tensor."""
+        return math.prod(self.shapes[0])
+
+    def describe(self) -> str:
+        """E.g. ``"448 x 2,048 (8x256, 256x8)"``."""
+        return f"{self.count} x {self.entries:,} ({', '.join('x'.join(map(str, s)) for s in self.shapes)})"
+
+    def build(self, device: torch.device, with_grads: bool) -> List[torch.nn.Parameter]:
+        """The tensors, drawn from a private generator (the same values in every run), with a ``.grad`` if asked."""
+        generator = torch.Generator().manual_seed(0)
+        params = []
+        for index in range(self.count):
+            shape = self.shapes[index % len(self.shapes)]
+            param = torch.nn.Parameter(torch.randn(shape, generator=generator).to(device))
+            if with_grads:
+                param.grad = torch.randn(shape, generator=generator).to(device)
+            params.append(param)
+        return params
+
+
+MANY_TENSOR_SETS = {
+    "zo": (TensorSet(448, ((8, 256), (256, 8))), TensorSet(448, ((16, 2048), (2048, 16)))),
+    "fo": (TensorSet(448, ((8, 256),)), TensorSet(64, ((1024, 1024),))),
+}
+"""The ZO and FO tensor sets of issue 19: LoRA pairs of rank 8 on width 256 (and rank 16 on 2048), and large."""
+SMOKE_TENSOR_SETS = {
+    "zo": (TensorSet(16, ((8, 256), (256, 8))), TensorSet(16, ((16, 2048), (2048, 16)))),
+    "fo": (TensorSet(16, ((8, 256),)), TensorSet(4, ((256, 256),))),
+}
+"""``--smoke``: the same shapes, fewer tensors (and smaller large ones)."""
+
+
+class FastForward:
+    """The many-tensors loss, :math:`w \\cdot (\\lVert p_1 \\rVert, \\dots, \\lVert p_n \\rVert)`, without autograd.
+
+    Three dispatched operations (``torch._foreach_norm``, ``stack``, a dot) whatever the number of tensors, so a
+    ZO step's time is the optimizer's own work. The forward times itself, and its operations are not counted by
+    the :class:`~benchmarks._dispatch.DispatchCounter` in :attr:`counter`.
+
+    Attributes:
+        seconds: Seconds spent inside calls since the caller last reset it.
+        counter: The dispatch counter active around the step being counted, or None.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor]) -> None:
+        self.params = list(params)
+        self.weights = torch.randn(len(self.params), generator=torch.Generator().manual_seed(1)).to(
+            self.params[0].device)
+        self.seconds = 0.0
+        self.counter: Optional[DispatchCounter] = None
+
+    def __call__(self) -> torch.Tensor:
+        device = self.weights.device
+        _synchronize(device)
+        start = time.perf_counter()
+        with torch.no_grad(), self.counter.uncounted() if self.counter is not None else contextlib.nullcontext():
+            loss = torch.stack(torch._foreach_norm(self.params)) @ self.weights
+        _synchronize(device)
+        self.seconds += time.perf_counter() - start
+        return loss
+
+
+class MeZOLoop:
+    """The plain MeZO loop: per tensor a seeded generator, ``randn_like`` and ``add_``; four sweeps a step.
+
+    +eps z, forward, -2 eps z, forward, +eps z, then ``-lr * (f+ - f-) / (2 eps) * z``, z regenerated in each
+    sweep from a seed per (step, tensor): 8 dispatched operations per tensor per step.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], lr: float, eps: float) -> None:
+        self.params = list(params)
+        self.lr = lr
+        self.eps = eps
+        self.generator = torch.Generator(self.params[0].device)
+        self.steps = 0
+
+    def _sweep(self, scale: float) -> None:
+        for index, param in enumerate(self.params):
+            self.generator.manual_seed(self.steps * len(self.params) + index)
+            param.add_(torch.randn_like(param, generator=self.generator), alpha=scale)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """One ZO-SGD step (central, q=1)."""
+        self.steps += 1
+        self._sweep(self.eps)
+        loss_plus = closure()
+        self._sweep(-2 * self.eps)
+        loss_minus = closure()
+        self._sweep(self.eps)
+        self._sweep(-self.lr * float((loss_plus - loss_minus) / (2 * self.eps)))
+        return loss_plus
+
+
+@dataclass
+class ManyRow:
+    """One optimizer of a :class:`Comparison`.
+
+    Attributes:
+        label: Row label.
+        step: Runs one step (None once timed, or when the row is not available).
+        note: Why the row is not available (``"n/a"`` in the report), empty when it is.
+        step_s: Seconds per step, one value per round.
+        outside_s: Seconds per step outside the forwards, one value per round.
+        ops: Operations dispatched in one step outside the forwards, by operation.
+    """
+
+    label: str
+    step: Optional[Callable[[], Any]]
+    note: str = ""
+    step_s: List[float] = field(default_factory=list)
+    outside_s: List[float] = field(default_factory=list)
+    ops: Dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Comparison:
+    """Rows that step the same tensors, timed round-robin against each other.
+
+    Attributes:
+        key: Name in the JSON, e.g. ``"zo 448 x 2,048"``.
+        what: ``"ZO-SGD"`` or the FO rule's label.
+        tensors: The tensor set.
+        rows: Rows by key.
+        steps: Steps each row ran per round (set when timed).
+    """
+
+    key: str
+    what: str
+    tensors: TensorSet
+    rows: Dict[str, ManyRow] = field(default_factory=dict)
+    steps: int = 0
+
+    def ratio(self, numerator: str, denominator: str) -> Optional[float]:
+        """Median over rounds of ``numerator``'s step time over ``denominator``'s in the same round (paired).
+
+        None if either row did not run.
+        """
+        a, b = self.rows.get(numerator), self.rows.get(denominator)
+        if a is None or b is None or not a.step_s or not b.step_s:
+            return None
+        return _measure.median([x / y for x, y in zip(a.step_s, b.step_s)])
+
+
+def zo_rows(params: Sequence[torch.Tensor], forward: FastForward, names: Sequence[str]) -> Dict[str, ManyRow]:
+    """The ZO-SGD rows among ``names`` (central, q=1, the same lr and eps), stepping ``params``."""
+    def hybridzo(**settings: Any) -> Callable[[], Any]:
+        optimizer = HybridZOOptimizer([{"params": params, "mode": "zo", **settings}], lr=ZO_LR, eps=ZO_EPS, seed=0)
+        return lambda: optimizer.step(forward)
+
+    def mezo_package() -> Callable[[], Any]:
+        step = mezo_package_step(torch.nn.ParameterList(params), params, ZO_LR, ZO_EPS)
+        return lambda: step(forward)
+
+    def torchzero() -> Callable[[], Any]:
+        peer = TorchzeroMeZO(params, ZO_LR, ZO_EPS, "gaussian")
+
+        def step() -> None:
+            peer.step(forward)
+            peer.zero_grad()  # its estimate stays in .grad until the next step replaces it
+        return step
+
+    def loop() -> Callable[[], Any]:
+        mezo_loop = MeZOLoop(params, ZO_LR, ZO_EPS)
+        return lambda: mezo_loop.step(forward)
+
+    factories = {
+        "hybridzo-exact": ("hybridzo ZO-SGD, gaussian, restore='exact'", hybridzo),
+        "hybridzo-inplace": ("hybridzo ZO-SGD, gaussian, restore='inplace'", lambda: hybridzo(restore="inplace")),
+        "hybridzo-rademacher": ("hybridzo ZO-SGD, rademacher, restore='exact'",
+                                lambda: hybridzo(distribution="rademacher")),
+        "mezo-pkg": ("PyPI mezo.update", mezo_package),
+        "tz-mezo": ("torchzero MeZO, gaussian", torchzero),
+        "mezo-loop": ("MeZO loop (randn_like + add_)", loop),
+    }
+    return {name: ManyRow(label, factory()) for name, (label, factory) in factories.items() if name in names}
+
+
+ZO_ROWS = ("hybridzo-exact", "hybridzo-inplace", "hybridzo-rademacher", "mezo-pkg", "tz-mezo", "mezo-loop")
+
+
+def fo_rows(params: Sequence[torch.Tensor], rule: str) -> Dict[str, ManyRow]:
+    """hybridzo's FO ``rule`` (default, ``foreach=True``, ``fused=True``) and torch.optim's three implementations.
+
+    A hybridzo row whose group key is refused (a hybridzo without that key), or a torch.optim implementation the
+    device lacks, is kept as not available, with the reason.
+    """
+    settings = FO_SETTINGS[rule]
+    torch_class = torch.optim.AdamW if rule == "adamw" else torch.optim.SGD
+    rows = {}
+
+    def hybridzo(key: str, label: str, **implementation: Any) -> None:
+        try:
+            optimizer = HybridZOOptimizer([{"params": params, "mode": "fo", "rule": rule, **settings,
+                                            **implementation}], lr=FO_LR)
+        except ValueError as error:
+            rows[key] = ManyRow(label, None, str(error).split(";")[0])
+        else:
+            rows[key] = ManyRow(label, optimizer.step)
+
+    def torch_optim(key: str, label: str, **implementation: Any) -> None:
+        try:
+            optimizer = torch_class(params, lr=FO_LR, **settings, **implementation)
+        except (RuntimeError, ValueError) as error:
+            rows[key] = ManyRow(label, None, str(error).split("\n")[0])
+        else:
+            rows[key] = ManyRow(label, optimizer.step)
+
+    hybridzo("hybridzo", "hybridzo FO group")
+    hybridzo("hybridzo-foreach", "hybridzo FO group, foreach=True", foreach=True)
+    hybridzo("hybridzo-fused", "hybridzo FO group, fused=True", fused=True)
+    name = torch_class.__name__
+    torch_optim("torch-loop", f"torch.optim.{name}(foreach=False)", foreach=False)
+    torch_optim("torch-foreach", f"torch.optim.{name}(foreach=True)", foreach=True)
+    torch_optim("torch-fused", f"torch.optim.{name}(fused=True)", fused=True)
+    return rows
+
+
+BLOCK_S = 0.2
+"""Seconds the slowest row of a comparison should spend per round (in up to ``--steps`` steps)."""
+
+
+def time_comparison(comparison: Comparison, forward: Optional[FastForward], rounds: int, max_steps: int,
+                    device: torch.device, log: Callable[[str], None]) -> None:
+    """Warm each row up, count one step's dispatched operations, then time ``rounds`` round-robin rounds.
+
+    Each round runs every available row for the same number of steps in a row (the order rotating every
+    round): as many as fill :data:`BLOCK_S` for the slowest row, 1 to ``max_steps``. It records the time per
+    step, and the time per step outside the forward's calls.
+    """
+    rows = {name: row for name, row in comparison.rows.items() if row.step is not None}
+    if not rows:
+        return
+    slowest = 0.0
+    for row in rows.values():
+        row.step()  # creates state; the second step runs as every later one
+        slowest = max(slowest, _measure.time_call(row.step, device))
+    comparison.steps = steps = max(1, min(max_steps, int(BLOCK_S / slowest)))
+    for row in rows.values():
+        counter = DispatchCounter()
+        if forward is not None:
+            forward.counter = counter
+        with counter:
+            row.step()
+        if forward is not None:
+            forward.counter = None
+        row.ops = dict(counter.counts)
+    names = list(rows)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            row = rows[name]
+            if forward is not None:
+                forward.seconds = 0.0
+            _synchronize(device)
+            start = time.perf_counter()
+            for _ in range(steps):
+                row.step()
+            _synchronize(device)
+            elapsed = time.perf_counter() - start
+            row.step_s.append(elapsed / steps)
+            row.outside_s.append((elapsed - (forward.seconds if forward is not None else 0.0)) / steps)
+        log(f"{comparison.key}, round {r + 1}/{rounds}: "
+            + ", ".join(f"{name} {1e3 * rows[name].step_s[-1]:.1f} ms" for name in names))
+    for row in rows.values():
+        row.step = None  # frees the optimizer and its state before the next comparison builds its own
+
+
+def run_many_tensors(device: torch.device, rounds: int, max_steps: int, smoke: bool,
+                     log: Callable[[str], None]) -> Tuple[List[Comparison], List[str]]:
+    """Time every many-tensors comparison, one after the other; return them and the notes on left-out peers."""
+    sets = SMOKE_TENSOR_SETS if smoke else MANY_TENSOR_SETS
+    names, notes = leave_out_missing(ZO_ROWS, MANY_PEER_OF)
+    comparisons = []
+    for tensors in sets["zo"]:
+        params = tensors.build(device, with_grads=False)
+        forward = FastForward(params)
+        comparison = Comparison(f"zo {tensors.count} x {tensors.entries:,}", "ZO-SGD", tensors,
+                                zo_rows(params, forward, names))
+        time_comparison(comparison, forward, rounds, max_steps, device, log)
+        comparisons.append(comparison)
+        del params, forward
+    for rule in FO_SETTINGS:
+        for tensors in sets["fo"]:
+            params = tensors.build(device, with_grads=True)
+            comparison = Comparison(f"{rule} {tensors.count} x {tensors.entries:,}", FO_RULE_LABELS[rule], tensors,
+                                    fo_rows(params, rule))
+            time_comparison(comparison, None, rounds, max_steps, device, log)
+            comparisons.append(comparison)
+            del params
+    return comparisons, notes
+
+
+def many_tensors_targets(comparisons: Sequence[Comparison]) -> List[Tuple[str, Optional[float], float]]:
+    """Issue 19's "Done when" for this set: (what, measured, at most), measured None where it did not run."""
+    zo = [c for c in comparisons if c.what == "ZO-SGD"][0]  # the 448 x 2,048 set (the smoke set's small one)
+    per_tensor = {name: sum(row.ops.values()) / zo.tensors.count if row.ops else None
+                  for name, row in zo.rows.items()}
+    size = zo.tensors.describe()
+    targets = [
+        (f"hybridzo exact / PyPI mezo, {size}", zo.ratio("hybridzo-exact", "mezo-pkg"), 0.5),
+        (f"hybridzo exact / MeZO loop, {size}", zo.ratio("hybridzo-exact", "mezo-loop"), 0.8),
+        (f"hybridzo inplace / PyPI mezo, {size}", zo.ratio("hybridzo-inplace", "mezo-pkg"), 0.6),
+        (f"hybridzo rademacher / PyPI mezo, {size}", zo.ratio("hybridzo-rademacher", "mezo-pkg"), 0.6),
+    ]
+    for name in ("hybridzo-exact", "hybridzo-inplace", "hybridzo-rademacher"):
+        targets.append((f"{name}: dispatched ops / tensor / step, {size}", per_tensor.get(name), 4.0))
+    for c in comparisons:
+        if c.what != "ZO-SGD":
+            size = c.tensors.describe()
+            targets.append((f"hybridzo {c.what} / torch foreach, {size}", c.ratio("hybridzo", "torch-foreach"), 1.1))
+            targets.append((f"hybridzo {c.what}, fused=True / torch fused, {size}",
+                            c.ratio("hybridzo-fused", "torch-fused"), 1.1))
+    return targets
+
+
+def _cell(value: Optional[float], digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def many_tensors_section(comparisons: Sequence[Comparison], info: Dict[str, Any], command: str, load_after: str,
+                         rounds: int, max_steps: int, threads: int, notes: Sequence[str] = ()) -> str:
+    """The many-tensors section of ``speed.md``, from its heading to the end."""
+    zo_rows_table, fo_rows_table = [], []
+    for c in comparisons:
+        for name, row in c.rows.items():
+            if not row.step_s:
+                cells = ["n/a"] * 4
+            else:
+                ops = sum(row.ops.values()) / c.tensors.count
+                cells = [f"{1e3 * _measure.median(row.step_s):.2f}",
+                         f"{1e6 * _measure.median(row.outside_s) / c.tensors.count:.1f}", f"{ops:.2f}"]
+            if c.what == "ZO-SGD":
+                if row.step_s:
+                    cells.append(f"{_cell(c.ratio(name, 'mezo-pkg'))} / {_cell(c.ratio(name, 'mezo-loop'))}")
+                zo_rows_table.append([f"`{name}`", row.label, c.tensors.describe(), *cells])
+            else:
+                if row.step_s:
+                    cells.append(f"{_cell(c.ratio(name, 'torch-foreach'))} / {_cell(c.ratio(name, 'torch-fused'))}")
+                else:
+                    cells[-1] = f"n/a: {row.note}"
+                fo_rows_table.append([f"`{name}`", row.label, c.what, c.tensors.describe(), *cells])
+    target_rows = [[what, f"<= {limit:g}", _cell(measured), "n/a" if measured is None else
+                    ("yes" if measured <= limit else "**no**")]
+                   for what, measured, limit in many_tensors_targets(comparisons)]
+    zo_sizes = " and ".join(c.tensors.describe() for c in comparisons if c.what == "ZO-SGD")
+    fo_sizes = " and ".join(dict.fromkeys(c.tensors.describe() for c in comparisons if c.what != "ZO-SGD"))
+    lines = [
+        MANY_TENSORS_HEADING,
+        "",
+        _measure.environment_markdown(info, command, load_after),
+        f"- Workload: ZO on {zo_sizes} tensors (LoRA pairs), with a fast forward: the loss "
+        "w . (||p_1||, ..., ||p_n||) without autograd, three dispatched operations whatever the number of "
+        "tensors (`torch._foreach_norm`, `stack`, a dot), so a step is the optimizer's own work. ZO-SGD: central, "
+        f"q=1, lr {ZO_LR:g}, eps {ZO_EPS:g}. FO on {fo_sizes} tensors, from a fixed random `.grad`, closure-less "
+        f"`step()`: AdamW (lr {FO_LR:g}, weight decay 0.01, betas (0.9, 0.999), eps 1e-8) and SGD (lr {FO_LR:g}, "
+        f"momentum 0.9). Every row of a comparison steps the same tensors, in one process, {threads} torch "
+        "thread(s).",
+        f"- Method: two warm-up steps per row; then {rounds} rounds in which every row, in turn (the order rotating "
+        f"each round), runs the same number of steps timed together, as many as fill {BLOCK_S:g} s for the "
+        f"comparison's slowest row, 1 to {max_steps} (`steps_per_round` in speed.json). *step* is the median over "
+        "rounds of the time per step, "
+        "*per tensor* the same outside the forward's calls, divided by the number of tensors. Ratios (*vs*) are "
+        "medians over rounds of the row's step time over the other row's in the same round, so load that changes "
+        "between rounds cancels. *ops / tensor / step*: aten operations dispatched in one step after the warm-up, "
+        "counted by a `TorchDispatchMode` (`benchmarks/_dispatch.py`) with the forward's excluded, over the number "
+        "of tensors; on a GPU each is a kernel launch, and a `torch._foreach_*` or fused operation is one launch "
+        "for a whole list. torch.optim's two profiler markers per step count too.",
+        "- Rows: PyPI `mezo` (`mezo.update`) and torchzero's MeZO module as in the set above; the MeZO loop "
+        "(`MeZOLoop` in `speed.py`) draws each tensor's z with `randn_like` from a generator seeded per (step, "
+        "tensor) and adds it with `add_`, in four sweeps (+eps, -2eps, +eps, update): 8 operations per tensor. "
+        "hybridzo's `foreach=True` and `fused=True` rows are n/a where its FO groups have no such key.",
+        *(f"- {note}." for note in notes),
+        "",
+        "### ZO-SGD over many tensors",
+        "",
+        _measure.markdown_table(["row", "what", "tensors", "step (ms)", "optimizer per tensor (us)",
+                                 "ops / tensor / step", "vs PyPI mezo / MeZO loop"], zo_rows_table, "lllrrrr"),
+        "",
+        "### FO steps from `.grad`",
+        "",
+        _measure.markdown_table(["row", "what", "rule", "tensors", "step (ms)", "per tensor (us)",
+                                 "ops / tensor / step", "vs torch foreach / fused"], fo_rows_table, "llllrrrr"),
+        "",
+        "### Against issue 19's targets",
+        "",
+        _measure.markdown_table(["target", "at most", "measured", "met?"], target_rows, "lrrl"),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def many_tensors_json(comparisons: Sequence[Comparison], info: Dict[str, Any], command: str, rounds: int,
+                      max_steps: int) -> Dict[str, Any]:
+    """The raw times and counts of the many-tensors set, for ``speed.json``'s ``"many_tensors"``."""
+    def rows(comparison: Comparison) -> Dict[str, Any]:
+        return {name: {"label": row.label, "note": row.note, "step_s": row.step_s, "outside_forward_s": row.outside_s,
+                       "ops": row.ops} for name, row in comparison.rows.items()}
+
+    return {"environment": info, "command": command, "rounds": rounds, "max_steps_per_round": max_steps,
+            "comparisons": {c.key: {"what": c.what, "tensors": c.tensors.describe(), "steps_per_round": c.steps,
+                                    "rows": rows(c)} for c in comparisons},
+            "targets": [{"what": what, "measured": measured, "at_most": limit}
+                        for what, measured, limit in many_tensors_targets(comparisons)]}
+
+
+def merge_report(existing: Optional[str], full_model: Optional[str], many_tensors: Optional[str]) -> str:
+    """``speed.md`` with the sections given replaced and the others kept from ``existing`` as they were."""
+    old_full, old_many = existing, None
+    if existing is not None and f"\n{MANY_TENSORS_HEADING}\n" in existing:
+        at = existing.index(f"\n{MANY_TENSORS_HEADING}\n")
+        old_full, old_many = existing[:at].rstrip("\n") + "\n", existing[at + 1:]
+    full = full_model if full_model is not None else old_full
+    many = many_tensors if many_tensors is not None else old_many
+    if full is None:
+        full = ("# Time per step\n\nThe full-model set has not been run into this file "
+                "(`python -m benchmarks.speed --set full-model`).\n")
+    return full if many is None else f"{full}\n{many}"
+
+
+def selected_sets(chosen: Optional[str], configs: Optional[Sequence[str]]) -> Tuple[str, ...]:
+    """The sets to run for ``--set chosen``: ``"all"`` or no choice runs both, unless ``--configs`` picks rows."""
+    if chosen is None:
+        return ("full-model",) if configs is not None else SETS
+    return SETS if chosen == "all" else (chosen,)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """Time the selected configurations and write the markdown report (and a JSON of the raw times)."""
+    """Time the selected sets and write them into the markdown report and its JSON, keeping the other set's.
+
+    Returns:
+        The full-model set's raw times by configuration (empty when that set did not run).
+    """
     parser = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--set", choices=[*SETS, "all"], default=None, dest="sets",
+                        help="full-model: the open_clip rows (hours at ViT-B-16); many-tensors: hundreds of small "
+                             "tensors with a fast forward (minutes); default: all, or full-model when --configs "
+                             "is given")
     parser.add_argument("--model", default="ViT-B-16", help=MODEL_CHOICES_HELP)
     parser.add_argument("--batch", type=int, default=4, help="images per step")
     parser.add_argument("--prompts", type=int, default=10, help="text prompts encoded per step (classes per task)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds of the full-model set")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1: on a shared machine more threads make timings erratic)")
-    parser.add_argument("--configs", type=_measure.split_list, default=ALL_CONFIGS,
-                        help=f"comma-separated subset of: {', '.join(ALL_CONFIGS)} (default: all; the rows of "
-                             "a peer that is not installed are left out, with a note)")
+    parser.add_argument("--configs", type=_measure.split_list, default=None,
+                        help=f"full-model set: comma-separated subset of: {', '.join(ALL_CONFIGS)} (default: all; "
+                             "the rows of a peer that is not installed are left out, with a note)")
+    parser.add_argument("--rounds", type=int, default=9, help="round-robin timing rounds of the many-tensors set")
+    parser.add_argument("--steps", type=int, default=3,
+                        help=f"many-tensors set: at most this many steps per row and round (as many as fill "
+                             f"{BLOCK_S:g} s for a comparison's slowest row)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="many-tensors set: 16 tensors per set (4 large ones), 2 rounds of 1 step")
     parser.add_argument("--out", type=Path, default=_measure.RESULTS_DIR / "speed.md")
     args = parser.parse_args(argv)
+    sets = selected_sets(args.sets, args.configs)
     torch.set_num_threads(args.threads)
-    info = _measure.environment(args.device)
-    workload = build_workload(args.model, "moe", args.batch, args.prompts, args.device)
-    names, notes = leave_out_missing(args.configs, PEER_OF)
-    for note in notes:
-        print(note, flush=True)
-    configs = build_configs(workload, names)
-    run(workload, configs, args.repeats, lambda line: print(line, flush=True))
-    report = write_report(configs, args, workload, info, _measure.load_average(), argv, notes)
-    _measure.write_text(args.out, report)
-    raw = {name: {"step_s": c.step_times, "forward_s": c.forward_times,
-                  "closure_s": [t.closure_s for t in c.timers], "closure_calls": [t.closure_calls for t in c.timers],
-                  "direction_sweeps": [t.direction_sweeps for t in c.timers]} for name, c in configs.items()}
-    _measure.write_text(args.out.with_suffix(".json"), json.dumps({"environment": info, "raw": raw}, indent=1) + "\n")
-    print(report)
+    device = torch.device(args.device)
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    command = _measure.command_line("benchmarks.speed", argv)
+    full_report = many_report = None
+    raw: Dict[str, Any] = {}
+    document: Dict[str, Any] = {}
+    if "full-model" in sets:
+        info = _measure.environment(args.device)
+        workload = build_workload(args.model, "moe", args.batch, args.prompts, args.device)
+        names, notes = leave_out_missing(args.configs or ALL_CONFIGS, PEER_OF)
+        for note in notes:
+            log(note)
+        configs = build_configs(workload, names)
+        run(workload, configs, args.repeats, log)
+        full_report = write_report(configs, args, workload, info, _measure.load_average(), argv, notes)
+        raw = {name: {"step_s": c.step_times, "forward_s": c.forward_times,
+                      "closure_s": [t.closure_s for t in c.timers],
+                      "closure_calls": [t.closure_calls for t in c.timers],
+                      "direction_sweeps": [t.direction_sweeps for t in c.timers]} for name, c in configs.items()}
+        document.update(environment=info, raw=raw)
+    if "many-tensors" in sets:
+        rounds, steps = (2, 1) if args.smoke else (args.rounds, args.steps)
+        info = _measure.environment(args.device)
+        comparisons, notes = run_many_tensors(device, rounds, steps, args.smoke, log)
+        many_report = many_tensors_section(comparisons, info, command, _measure.load_average(), rounds, steps,
+                                           args.threads, notes)
+        document["many_tensors"] = many_tensors_json(comparisons, info, command, rounds, steps)
+    existing = args.out.read_text() if args.out.is_file() else None
+    _measure.write_text(args.out, merge_report(existing, full_report, many_report))
+    json_path = args.out.with_suffix(".json")
+    kept = json.loads(json_path.read_text()) if json_path.is_file() else {}
+    _measure.write_text(json_path, json.dumps({**kept, **document}, indent=1) + "\n")
+    for report in (full_report, many_report):
+        if report is not None:
+            print(report)
     return raw
 
 

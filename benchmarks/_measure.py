@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 MIB = 2**20
 GIB = 2**30
@@ -248,6 +248,33 @@ def command_line(module: str, argv: Optional[Sequence[str]]) -> str:
     """How a script was invoked (``python -m <module> ...``, from the repository root), for the results header."""
     arguments = sys.argv[1:] if argv is None else list(argv)
     return " ".join(["python", "-m", module, *arguments])
+
+
+# ---------------------------------------------------------------------------------------------- figures
+
+
+def figure(ncols: int = 1, size: Tuple[float, float] = (8.5, 4.5)) -> Tuple[Any, List[Any]]:
+    """A matplotlib figure with ``ncols`` axes side by side, drawn off screen (no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    drawing = Figure(figsize=size)
+    FigureCanvasAgg(drawing)
+    return drawing, [drawing.add_subplot(1, ncols, index + 1) for index in range(ncols)]
+
+
+def palette(count: int) -> List[Tuple[float, ...]]:
+    """``count`` distinguishable colours: matplotlib's tab10, or tab20 beyond ten."""
+    from matplotlib import colormaps
+
+    return list(colormaps["tab10" if count <= 10 else "tab20"].colors)[:count]
+
+
+def save_figure(drawing: Any, path: Path) -> Path:
+    """Write ``drawing`` as a PNG at 110 dpi, creating the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    drawing.savefig(path, dpi=110)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------- tables

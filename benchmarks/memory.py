@@ -350,14 +350,9 @@ def write_plot(results: Dict[str, Dict[str, Any]], path: Path, title: str) -> Pa
 
     A placement whose limit was measured gets a black tick on each bar at the limit's value.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     names = [n for n in CONFIGS if n in results and CONFIGS[n].operation != "limit"]
     labels = [CONFIGS[n].label for n in names]
-    figure = Figure(figsize=(9, 0.32 * len(names) + 1.6))
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot(1, 1, 1)
+    figure, (axes,) = _measure.figure(size=(9, 0.32 * len(names) + 1.6))
     positions = list(range(len(names)))[::-1]
     axes.barh([p + 0.2 for p in positions], [results[n]["total_mib"] for n in names], height=0.4,
               color="#c6dbef", label="training peak incl. weights")
@@ -374,9 +369,7 @@ def write_plot(results: Dict[str, Dict[str, Any]], path: Path, title: str) -> Pa
     axes.set_title(title, fontsize=9)
     axes.legend(fontsize=8, loc="lower right")
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    return path
+    return _measure.save_figure(figure, path)
 
 
 def _sweep_table(results: Dict[str, Dict[str, Any]], sweep: Dict[int, Dict[str, Dict[str, Any]]],

@@ -36,8 +36,25 @@ def test_fo_rows_search_the_lr_grid_and_pick_the_best_last_then_avg_then_grid_or
     assert choose("fo", scores_of(points[:4], [(10, 30)] * 4)) is None  # incomplete
     scores = scores_of(points, [(10.0, 30.0), (12.0, 31.0), (12.0, 33.0), (12.0, 33.0), (9.0, 40.0)])
     assert choose("fo", scores) == {"lr": GRID.fo_lr[2]}  # Last ties broken by Avg, then the earlier value
-    assert edges("fo", {"lr": GRID.fo_lr[2]}) == []
-    assert edges("fo", {"lr": GRID.fo_lr[-1]}) == ["lr"]
+    assert edges({"lr": GRID.fo_lr[2]}, points) == []
+
+
+def test_a_search_whose_best_is_on_an_edge_goes_one_step_further_up_to_its_limit():
+    points = tuning_points("fo", {})
+    scores = scores_of(points, [(1.0, 0.0), (2.0, 0.0), (3.0, 0.0), (4.0, 0.0), (5.0, 0.0)])  # best: the largest
+    extended = tuning_points("fo", scores)
+    assert extended == points + [{"lr": GRID.fo_lr[-1] * 2}] and choose("fo", scores) is None
+    scores.update(scores_of(extended[5:], [(4.5, 0.0)]))  # worse: the largest tried value is now interior
+    assert choose("fo", scores) == {"lr": GRID.fo_lr[-1]} and edges({"lr": GRID.fo_lr[-1]}, extended) == []
+    scores.update(scores_of(extended[5:], [(6.0, 0.0)]))  # better again: one more, then the limit
+    again = tuning_points("fo", scores)
+    assert again[6:] == [{"lr": GRID.fo_lr[-1] * 4}]
+    scores.update(scores_of(again[6:], [(7.0, 0.0)]))
+    assert tuning_points("fo", scores) == again and len(again) == len(points) + GRID.max_extensions
+    assert choose("fo", scores) == {"lr": GRID.fo_lr[-1] * 4}
+    assert edges(choose("fo", scores), again) == ["lr"]  # flagged: the limit stopped the search on the edge
+    low = scores_of(points, [(9.0, 0.0), (2.0, 0.0), (3.0, 0.0), (4.0, 0.0), (5.0, 0.0)])
+    assert tuning_points("fo", low)[5:] == [{"lr": GRID.fo_lr[0] / 2}]
 
 
 def test_zo_rows_wait_for_the_fo_lr_then_search_zo_lr_then_eps_at_the_best_zo_lr():
@@ -49,9 +66,13 @@ def test_zo_rows_wait_for_the_fo_lr_then_search_zo_lr_then_eps_at_the_best_zo_lr
     assert points[3:] == [{"lr": 0.02, "zo_lr": GRID.zo_lr[1], "eps_language": eps} for eps in GRID.eps]
     assert len(points) == GRID.budget[1] == GRID.budget[0]  # the same budget as an FO row
     assert choose("zo", scores, fo_lr=0.02) is None
-    scores.update(scores_of(points[3:], [(8.5, 20.0), (6.0, 30.0)]))
-    assert choose("zo", scores, fo_lr=0.02) == points[3]
-    assert edges("zo", points[3]) == ["eps_language"]
+    scores.update(scores_of(points[3:], [(7.5, 20.0), (6.0, 30.0)]))
+    assert choose("zo", scores, fo_lr=0.02) == points[1] and edges(points[1], points) == []
+    scores.update(scores_of(points[3:], [(8.5, 20.0)]))  # eps 1e-4 best: on the edge, so 1e-5 is tried
+    extended = tuning_points("zo", scores, fo_lr=0.02)
+    assert extended[5:] == [{"lr": 0.02, "zo_lr": GRID.zo_lr[1], "eps_language": GRID.eps[0] / 10}]
+    scores.update(scores_of(extended[5:], [(8.0, 20.0)]))
+    assert choose("zo", scores, fo_lr=0.02) == points[3] and edges(points[3], extended) == []
     with pytest.raises(ValueError):
         tuning_points("hybrid", {})
 
@@ -126,7 +147,7 @@ def test_sweep_orders_runs_by_dependency_and_resumes_without_rerunning(tmp_path)
     start = FakeStart()
     statuses = make_sweep(tmp_path).execute(start, jobs=2)
     started = [run.out.relative_to(tmp_path).as_posix() for run in start.started]
-    assert len(started) == len(statuses) == 5 + 5 + 2 * 3
+    assert len(started) == len(statuses) == 5 + 6 + 2 * 3  # eps 1e-4 lands on the edge: 1e-5 is tried too
     position = {name: index for index, name in enumerate(started)}
     fo_tuning = [p for n, p in position.items() if n.startswith("tuning/moe-fo/")]
     zo_first = [p for n, p in position.items() if n.startswith("tuning/moe-vision/") and "eps_language=0.001" in n]

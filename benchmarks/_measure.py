@@ -13,6 +13,7 @@ Linux only for the CPU peak (``/proc``); the CUDA path works anywhere torch does
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import datetime
 import importlib.metadata
@@ -304,3 +305,20 @@ def write_text(path: Path, text: str) -> Path:
 def split_list(value: str) -> List[str]:
     """``"a,b, c"`` -> ``["a", "b", "c"]`` (for comma-separated command-line options)."""
     return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def int_list(value: str) -> List[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``."""
+    return [int(item) for item in split_list(value)]
+
+
+def script_parser(module: str, doc: str, out: Optional[str] = None, **kwargs: Any) -> argparse.ArgumentParser:
+    """The argument parser of ``python -m benchmarks.<module>``: the first paragraph of ``doc`` as description and,
+    given ``out``, ``--out`` (the markdown report; JSON and plots go beside it), default ``benchmarks/results/<out>``.
+    """
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{module}".rstrip("."),
+                                     description=doc.split("\n\n")[0], **kwargs)
+    if out is not None:
+        parser.add_argument("--out", type=Path, default=RESULTS_DIR / out,
+                            help=f"markdown report, with its JSON beside it (default: benchmarks/results/{out})")
+    return parser

@@ -1,6 +1,7 @@
 """Small-sample statistics for results over seeds: mean +/- sample std and paired Student-t intervals.
 
-The t quantile is ``scipy.stats.t.ppf`` (the ``benchmarks`` extra installs scipy).
+The t quantile is ``scipy.stats.t.ppf`` (the ``benchmarks`` extra installs scipy; imported when first needed, so
+that the rest of ``benchmarks`` imports without it).
 
     >>> interval = paired_interval([16.9, 15.6, 17.1], [15.7, 18.9, 16.0])
     >>> round(interval.half_width / (interval.std / 3 ** 0.5), 3)  # t(0.975, 2 dof)
@@ -16,7 +17,6 @@ from dataclasses import asdict, dataclass
 from typing import Any, Dict, Sequence
 
 import numpy as np
-from scipy import stats
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -32,6 +32,8 @@ def t_quantile(p: float, dof: float) -> float:
     """The ``p`` quantile of Student's t with ``dof`` degrees of freedom (``t_quantile(0.975, 2)`` = 4.3027)."""
     if not 0.0 < p < 1.0 or dof <= 0:
         raise ValueError(f"Invalid quantile or degrees of freedom: p={p}, dof={dof}")
+    from scipy import stats
+
     return float(stats.t.ppf(p, dof))
 
 

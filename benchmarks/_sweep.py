@@ -166,6 +166,7 @@ class Sweep:
         row_arguments: ``clip_cl.py`` arguments of each row (preset and row flags).
         extra: Arguments added to every run (``accuracy.py --clip-args``).
         on_record: Called with the path of each record the sweep writes (e.g. to commit it).
+        keep_records: Whether to write records at all (``False`` for a dry run).
     """
 
     rows: Sequence[str]
@@ -182,6 +183,7 @@ class Sweep:
     row_arguments: Mapping[str, Sequence[str]] = field(default_factory=dict)
     extra: Sequence[str] = ()
     on_record: Callable[[Path], None] = lambda path: None
+    keep_records: bool = True
     results: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     """Finished runs' ``results.json`` by :attr:`Run.key`."""
     failed: Dict[str, str] = field(default_factory=dict)
@@ -194,7 +196,7 @@ class Sweep:
 
     def save_record(self, run: Run, result: Mapping[str, Any]) -> None:
         """Write ``run``'s committed record from its ``results.json`` unless it exists."""
-        if run.record is None or run.record.is_file():
+        if run.record is None or run.record.is_file() or not self.keep_records:
             return
         run.record.parent.mkdir(parents=True, exist_ok=True)
         run.record.write_text(json.dumps(compact(result, git_commit(run.out)), indent=1) + "\n")

@@ -104,7 +104,7 @@ def plot(rows: Mapping[str, Mapping[str, Any]], path: Path, title: str,
 
 def main(argv: Optional[Sequence[str]] = None) -> Optional[Path]:
     """Draw the figure of a committed multi-seed report's JSON."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks._tradeoff", description=__doc__.split("\n\n")[0])
+    parser = _measure.script_parser("_tradeoff", __doc__)
     parser.add_argument("report", type=Path, help="JSON of a multi-seed report, e.g. "
                                                   "benchmarks/results/accuracy_cpu_seeds_untuned.json")
     parser.add_argument("--cpu-peaks", type=Path, default=_measure.RESULTS_DIR / "accuracy_cpu.json",

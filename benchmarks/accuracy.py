@@ -366,6 +366,7 @@ def make_sweep(args: argparse.Namespace, selected: Sequence[str]) -> _sweep.Swee
                         extra_seeds={name: args.extra_seeds for name in args.extra_rows if name in rows},
                         tune=args.tune, validation_fraction=args.validation_fraction, tune_seed=args.tune_seed,
                         extra=shlex.split(args.clip_args), on_record=commit_record if args.commit else lambda _: None,
+                        keep_records=not args.dry_run,
                         row_arguments={name: ROWS[name].arguments(args.preset) for name in rows})
 
 
@@ -528,8 +529,7 @@ def run_sweep(args: argparse.Namespace, selected: Sequence[str], threads: Option
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Any]]:
     """Run the selected rows (skipping finished ones) and write the tables, plots and a JSON summary."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _measure.script_parser("accuracy", __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESET_DEPTH),
                         help="examples/clip_cl.py preset: cpu (tiny CLIP, 2 CPU cores), paper (ViT-B/16, a GPU), "
                              "smoke (seconds)")
@@ -543,10 +543,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Any]]:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per run (default: 1 when --jobs > 1, else torch's choice)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the single-seed tables")
-    parser.add_argument("--seeds", type=lambda value: [int(s) for s in _measure.split_list(value)], default=[],
+    parser.add_argument("--seeds", type=_measure.int_list, default=[],
                         help="comma-separated seeds, e.g. 0,1,2: run every selected row (and its FO baseline) once "
                              "per seed and write the multi-seed report (mean +/- std, paired 95%% intervals)")
-    parser.add_argument("--extra-seeds", type=lambda value: [int(s) for s in _measure.split_list(value)], default=[],
+    parser.add_argument("--extra-seeds", type=_measure.int_list, default=[],
                         help="more seeds, e.g. 3,4, for the rows of --extra-rows (and their FO baseline) only")
     parser.add_argument("--extra-rows", type=_measure.split_list, default=list(COMPARED),
                         help=f"rows that get --extra-seeds (default: the compared rows, {','.join(COMPARED)})")

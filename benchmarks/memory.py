@@ -525,7 +525,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Measure every selected configuration in a fresh process; write the markdown report and the plot."""
     from benchmarks._workload import MODEL_CHOICES_HELP
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.split("\n\n")[0])
+    parser = _measure.script_parser("memory", __doc__, out="memory.md")
     parser.add_argument("--model", default="ViT-B-16", help=MODEL_CHOICES_HELP)
     parser.add_argument("--batch", type=int, default=8, help="images per step")
     parser.add_argument("--prompts", type=int, default=10, help="text prompts encoded per step (classes per task)")
@@ -536,11 +536,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                         help=f"comma-separated subset of: {', '.join(CONFIGS)}; 'limits' stands for every "
                              "-limit configuration (default: all; the rows of a peer that is not installed are "
                              "left out, with a note)")
-    parser.add_argument("--sweep-batches", type=lambda v: [int(b) for b in _measure.split_list(v)], default=[],
+    parser.add_argument("--sweep-batches", type=_measure.int_list, default=[],
                         help="also measure the FO baseline and Dual/Vision/Language w/ ZO at these batch sizes, "
                              "e.g. 2,4,16 (how the reductions depend on images per prompt)")
     parser.add_argument("--state-model", default="tiny", help="model of the optimizer-state table ('' to skip)")
-    parser.add_argument("--out", type=Path, default=_measure.RESULTS_DIR / "memory.md")
     parser.add_argument("--plot", type=Path, default=None, help="bar chart (default: --out with .png)")
     parser.add_argument("--keep-from", type=Path, default=None,
                         help="memory.json of an earlier run with the same settings: configurations not in "

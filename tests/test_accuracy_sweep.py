@@ -14,6 +14,7 @@ from typing import Dict, List, Tuple
 
 import pytest
 
+pytest.importorskip("scipy", reason="the benchmarks extra (pip install -e '.[benchmarks]') installs scipy")
 from benchmarks import _sweep, _tuning, accuracy
 from benchmarks._stats import paired_interval
 from benchmarks._tuning import Score, choose, edges, knobs_tag, tuning_points
@@ -284,3 +285,94 @@ def test_rows_set_seeds_names_the_issue_rows():
     assert accuracy.ROWS["lora-vision"].baseline == "lora-fo"
     assert [_sweep.row_kind(accuracy.ROWS[name].flags) for name in ("moe-fo", "zofc-fo", "zofc", "mozo-dual-hop-odd")] \
         == ["fo", "fo", "zo", "zo"]
+
+
+# ------------------------------------------------------------------------------------- committed records
+
+
+def make_stored_sweep(runs_dir: Path, store: Path, **kwargs) -> _sweep.Sweep:
+    sweep = make_sweep(runs_dir, **kwargs)
+    sweep.store = store
+    return sweep
+
+
+def test_every_finished_run_is_recorded_and_a_fresh_clone_resumes_from_the_records_alone(tmp_path):
+    runs, store = tmp_path / "runs", tmp_path / "results" / "accuracy_cpu_runs"
+    committed = []
+    sweep = make_stored_sweep(runs, store)
+    sweep.on_record = committed.append
+    sweep.execute(FakeStart(), jobs=2)
+    names = sorted(path.relative_to(store).as_posix() for path in store.rglob("*.json"))
+    assert names == sorted(f"{run.name}.json" for run in sweep.named_runs()) and len(names) == 5 + 6 + 2 * 3
+    assert sorted(committed) == sorted(store.rglob("*.json"))  # each handed on as it was written
+    assert "tuning/moe-vision/lr=0.02,zo_lr=0.01,eps_language=0.0001.json" in names
+    record = json.loads((store / "seeds" / "moe-vision" / "seed1.json").read_text())
+    result = json.loads((runs / "seeds" / "moe-vision" / "seed1" / "results.json").read_text())
+    assert {key: record[key] for key in result if key in record} == {key: result[key] for key in result
+                                                                    if key in _sweep.RECORD_KEYS}
+    assert "commit" in record and "--seed 1" in record["command"]
+
+    fresh = make_stored_sweep(tmp_path / "fresh-clone-runs", store)  # no runs folder: the records alone
+    again = FakeStart()
+    assert fresh.execute(again, jobs=2) == {} and again.started == []
+    assert fresh.choice("moe-vision") == sweep.choice("moe-vision")
+    assert fresh.seed_results()["moe-vision"][2]["last"] == sweep.seed_results()["moe-vision"][2]["last"]
+
+    (store / "seeds" / "moe-vision" / "seed2.json").unlink()  # an interrupted sweep: resumes with what is missing
+    resumed = FakeStart()
+    make_stored_sweep(tmp_path / "other-runs", store).execute(resumed, jobs=1)
+    assert [run.name for run in resumed.started] == ["seeds/moe-vision/seed2"]
+    assert (store / "seeds" / "moe-vision" / "seed2.json").is_file()
+
+
+def test_a_record_made_with_other_arguments_is_refused(tmp_path):
+    store = tmp_path / "store"
+    make_stored_sweep(tmp_path / "runs", store, seeds=(0,)).execute(FakeStart(), jobs=1)
+    with pytest.raises(_sweep.StaleRunError, match="--max-steps-per-task 5"):
+        make_stored_sweep(tmp_path / "fresh", store, seeds=(0,), extra=("--max-steps-per-task", "5")).load_finished()
+
+
+def test_compact_records_drop_per_step_losses_and_keep_their_mean_per_task():
+    result = {**fake_result({"seed": 0}, 10.0, 20.0), "losses": [1.0, 3.0, 2.0, 2.0, 5.0], "task_start_steps": [0, 2],
+              "classnames": [["a"]]}
+    record = _sweep.compact(result, "abc123")
+    assert "losses" not in record and "classnames" not in record
+    assert record["loss_per_task"] == [2.0, 3.0] and record["commit"] == "abc123" and record["last"] == 10.0
+
+
+def test_collect_imports_the_finished_runs_of_another_runs_folder_and_rebuilds_the_report(tmp_path):
+    other = tmp_path / "other-checkout-runs"
+    make_sweep(other).execute(FakeStart(), jobs=2)  # the old code: runs only, no records
+    out = tmp_path / "results" / "accuracy_cpu_seeds.md"
+    common = ["--preset", "cpu", "--only", "moe-vision", "--tune", "--seeds", "0,1,2", "--out", str(out)]
+    collected = accuracy.main([*common, "--collect", str(other)])
+    store = out.parent / "accuracy_cpu_runs"
+    assert len(list(store.rglob("*.json"))) == 5 + 6 + 2 * 3
+    report = out.read_text()
+    rebuilt = accuracy.main([*common, "--report-only", "--runs-dir", str(tmp_path / "no-runs")])  # records alone
+    assert rebuilt["rows"] == collected["rows"] and rebuilt["tuning"] == collected["tuning"]
+    assert out.read_text().split("## Results")[1] == report.split("## Results")[1]
+    assert "## Every run" in report and report.count("# tuning/") == 11 and report.count("# seeds/") == 6
+
+
+def test_extra_seeds_run_the_compared_rows_and_their_baseline_only(tmp_path):
+    rows = ["moe-fo", "moe-vision", "moe-language"]
+    sweep = _sweep.Sweep(rows, {"moe-fo": "fo", "moe-vision": "zo", "moe-language": "zo"},
+                         {row: "moe-fo" for row in rows}, tmp_path / "runs", seeds=(0, 1, 2),
+                         extra_seeds={"moe-vision": (3, 4)}, tune=False,
+                         row_arguments={row: accuracy.ROWS[row].arguments("cpu") for row in rows})
+    start = FakeStart()
+    sweep.execute(start, jobs=2)
+    seeds = {row: sorted(int(run.name[-1]) for run in start.started if run.row == row) for row in rows}
+    assert seeds == {"moe-fo": [0, 1, 2, 3, 4], "moe-vision": [0, 1, 2, 3, 4], "moe-language": [0, 1, 2]}
+
+
+def test_the_report_uses_five_paired_seeds_where_there_are_five(tmp_path):
+    runs = tmp_path / "runs"
+    make_sweep(runs, seeds=(0, 1, 2, 3, 4), tune=False).execute(FakeStart(), jobs=2)
+    out = tmp_path / "report.md"
+    record = accuracy.main(["--preset", "cpu", "--only", "moe-vision", "--seeds", "0,1,2", "--extra-seeds", "3,4",
+                            "--extra-rows", "moe-vision", "--report-only", "--runs-dir", str(runs), "--out", str(out)])
+    assert record["rows"]["moe-vision"]["delta"]["last"]["n"] == 5
+    assert "t = 2.776 for 5 seeds, 4 dof" in out.read_text()
+    assert (tmp_path / "report_tradeoff.png").stat().st_size > 0

@@ -5,6 +5,8 @@ import math
 
 import numpy as np
 import pytest
+
+pytest.importorskip("scipy", reason="the benchmarks extra (pip install -e '.[benchmarks]') installs scipy")
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -18,8 +18,6 @@ from benchmarks._stats import mean_std, paired_interval, t_quantile
 METRICS = ("last", "avg", "forgetting")
 """Per-run numbers aggregated over seeds (``results.json`` keys)."""
 
-METRIC_NAMES = {"last": "Last", "avg": "Avg", "forgetting": "forgetting"}
-
 RunsBySeed = Mapping[str, Mapping[int, Mapping[str, Any]]]
 """``runs[row][seed]`` = that run's ``results.json``."""
 

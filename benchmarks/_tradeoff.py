@@ -14,7 +14,6 @@ JSON, with the peaks of the single-seed runs of the same rows (``accuracy_cpu.js
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path

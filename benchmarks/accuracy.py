@@ -289,7 +289,7 @@ def plot_table(table: Table, results: Dict[str, Dict[str, Any]], path: Path, pre
     figure, (axes,) = _measure.figure()
     others = [name for name in present if name != table.baseline]
     styles = {name: {"color": color, "linestyle": ("-", "-.")[index % 2]}
-              for index, (name, color) in enumerate(zip(others, _palette(len(others))))}
+              for index, (name, color) in enumerate(zip(others, _measure.palette(len(others))))}
     if table.baseline is not None:
         styles[table.baseline] = {"color": "black", "linestyle": "--", "linewidth": 1.8}
     tasks = 0

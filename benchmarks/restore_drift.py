@@ -12,9 +12,7 @@ drift ``||theta_end - theta_0|| / ||theta_0||`` over all parameters after the st
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch

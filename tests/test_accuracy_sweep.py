@@ -376,3 +376,17 @@ def test_the_report_uses_five_paired_seeds_where_there_are_five(tmp_path):
     assert record["rows"]["moe-vision"]["delta"]["last"]["n"] == 5
     assert "t = 2.776 for 5 seeds, 4 dof" in out.read_text()
     assert (tmp_path / "report_tradeoff.png").stat().st_size > 0
+
+
+def test_the_tradeoff_figure_of_the_committed_untuned_report(tmp_path):
+    from benchmarks import _tradeoff
+
+    memory = json.loads((accuracy._measure.RESULTS_DIR / "memory.json").read_text())["results"]
+    peaks = _tradeoff.vit_peaks()
+    assert peaks["moe-vision"] == memory["vision"]["total_mib"] and peaks["moe-fo"] == memory["fo"]["total_mib"]
+    assert peaks["mozo-dual-hop-odd"] == memory["dual-hop-odd"]["total_mib"] and "zofc" not in peaks
+    out = _tradeoff.main([str(accuracy._measure.RESULTS_DIR / "accuracy_cpu_seeds_untuned.json"),
+                          "--out", str(tmp_path / "tradeoff.png")])
+    assert out == tmp_path / "tradeoff.png" and out.stat().st_size > 10_000
+    entry = {"seeds": [0, 1, 2], "last": {"mean": 20.0, "std": 1.0}}
+    assert _tradeoff._interval(entry) == pytest.approx(4.302652729911275 / math.sqrt(3))  # t(0.975, 2) s / sqrt(n)

@@ -371,10 +371,10 @@ def make_sweep(args: argparse.Namespace, selected: Sequence[str]) -> _sweep.Swee
 
 
 def commit_record(path: Path) -> None:
-    """``git commit`` one new record of the sweep (``--commit``), nothing else that is staged."""
-    subprocess.run(["git", "add", "--", str(path)], cwd=_measure.REPO_ROOT, check=True)
-    subprocess.run(["git", "commit", "-q", "-m", f"accuracy sweep: {path.relative_to(_measure.RESULTS_DIR)}", "--",
-                    str(path)], cwd=_measure.REPO_ROOT, check=True)
+    """``git commit`` one new record of the sweep (``--commit``) in the checkout it lies in, nothing else staged."""
+    for command in (["add", "--", path.name], ["commit", "-q", "-m", f"accuracy sweep: {_display_path(path)}", "--",
+                                                path.name]):
+        subprocess.run(["git", *command], cwd=path.parent, check=True, capture_output=True)
 
 
 def _knobs_text(sweep: _sweep.Sweep, name: str) -> str:
@@ -470,8 +470,8 @@ def seeds_report(sweep: _sweep.Sweep, args: argparse.Namespace, info: Dict[str, 
     if tuning:
         lines += ["", "## Tuning on the validation split", "",
                   "Validation Last / Avg of every tuning run (accuracy on held-out training images of the seen "
-                  "classes); the chosen run is marked, with the knobs at the edge of their grid, where the best "
-                  "value may lie outside it.", "", _seeds.tuning_table(tuning, order, labels)]
+                  "classes), in the order the search named them; the chosen run is marked, with the knobs still on "
+                  "the edge of what was tried after extending the grid, where the best value may lie outside it.", "", _seeds.tuning_table(tuning, order, labels)]
     commands = {name: reproduce_command(sweep, name, (sweep.seeds or [0])[0], threads) for name in order}
     rows = {name: {"label": labels[name], **summary[name]} for name in order if name in summary}
     tradeoff = _tradeoff.plot(rows, args.out.parent / f"{args.out.stem}_tradeoff.png",

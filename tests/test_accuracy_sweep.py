@@ -390,3 +390,24 @@ def test_the_tradeoff_figure_of_the_committed_untuned_report(tmp_path):
     assert out == tmp_path / "tradeoff.png" and out.stat().st_size > 10_000
     entry = {"seeds": [0, 1, 2], "last": {"mean": 20.0, "std": 1.0}}
     assert _tradeoff._interval(entry) == pytest.approx(4.302652729911275 / math.sqrt(3))  # t(0.975, 2) s / sqrt(n)
+
+
+def test_commit_records_each_record_alone(tmp_path):
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "start")
+    (tmp_path / "staged.txt").write_text("not the sweep's")
+    git("add", "staged.txt")
+    record = tmp_path / "store" / "seeds" / "moe-fo" / "seed0.json"
+    record.parent.mkdir(parents=True)
+    record.write_text("{}")
+    subprocess.run(["git", "config", "user.name", "t"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "config", "user.email", "t@t"], cwd=tmp_path, check=True)
+    accuracy.commit_record(record)
+    assert git("show", "--name-only", "--format=%s", "HEAD").split() == [
+        "accuracy", "sweep:", str(record), "store/seeds/moe-fo/seed0.json"]
+    assert git("diff", "--cached", "--name-only").split() == ["staged.txt"]  # left staged, not committed

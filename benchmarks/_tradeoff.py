@@ -71,7 +71,7 @@ def plot(rows: Mapping[str, Mapping[str, Any]], path: Path, title: str,
     vit = vit_peaks() if vit is None else vit
     cpu = {name: (entry["peak_memory_mib"]["mean"] if "peak_memory_mib" in entry else (cpu_peaks or {}).get(name))
            for name, entry in rows.items()}
-    panels = [(cpu, "peak RSS of the accuracy run, tiny CLIP (MiB; axis not from 0)"),
+    panels = [(cpu, "peak memory of the accuracy runs themselves (MiB; axis not from 0)"),
               (vit, "training peak incl. weights, ViT-B-16 batch 8 (MiB)")]
     if not any(peaks.get(name) is not None for peaks, _ in panels for name in rows):
         return None

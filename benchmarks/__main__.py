@@ -1,4 +1,7 @@
-"""Regenerate every benchmark result: ``python -m benchmarks --preset cpu``.
+"""Run every benchmark script of a preset: ``python -m benchmarks`` (the seconds-long smoke preset, into ``runs/``).
+
+Reports go to ``runs/benchmarks/<preset>/`` unless ``--out-dir`` says otherwise, so nothing committed is overwritten
+by accident; ``python -m benchmarks --preset cpu --out-dir benchmarks/results`` regenerates the committed results.
 
 Presets:
 
@@ -7,12 +10,12 @@ Presets:
   memory table, and the accuracy sweep with the tiny CLIP (hours; resumable, see accuracy.py).
 * ``paper``: the same on a GPU at the papers' scale (ViT-B/16 with OpenAI weights for accuracy); reports
   get a ``_paper`` suffix.
-* ``smoke``: seconds-long runs on a 4-block CLIP, to check that every script starts and writes its report.
+* ``smoke`` (default): seconds-long runs on a 4-block CLIP, to check that every script starts and writes its
+  report.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import shlex
 import time
@@ -24,9 +27,9 @@ from benchmarks import _measure
 SCRIPTS = ("memory", "speed", "restore_memory", "accuracy")
 
 PRESETS = {
+    "smoke": "seconds-long runs on a 4-block CLIP, to check that every script starts",
     "cpu": "what benchmarks/results/ holds: ViT-B-16 memory and speed, tiny-CLIP accuracy (hours)",
     "paper": "the papers' scale on a GPU; reports get a _paper suffix",
-    "smoke": "seconds-long runs on a 4-block CLIP, to check that every script starts",
 }
 """``--preset`` values and what each runs."""
 
@@ -70,23 +73,23 @@ def script_arguments(preset: str, out_dir: Path, jobs: int = 1) -> Dict[str, Lis
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Run the selected benchmark scripts of a preset one after the other."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0],
-                                     epilog="Run from the repository root. Each script also runs alone: "
-                                            "python -m benchmarks.<script> --help.")
-    parser.add_argument("--preset", default="cpu", choices=list(PRESETS),
-                        help="; ".join(f"{name}: {what}" for name, what in PRESETS.items()) + " (default: cpu)")
+    parser = _measure.script_parser("", __doc__, epilog="Run from the repository root. Each script also runs alone: "
+                                                        "python -m benchmarks.<script> --help.")
+    parser.add_argument("--preset", default="smoke", choices=list(PRESETS),
+                        help="; ".join(f"{name}: {what}" for name, what in PRESETS.items()) + " (default: smoke)")
     parser.add_argument("--only", type=_measure.split_list, default=list(SCRIPTS),
                         help=f"comma-separated scripts to run: {', '.join(SCRIPTS)} (default: all)")
-    parser.add_argument("--out-dir", type=Path, default=_measure.RESULTS_DIR,
-                        help="folder for the reports (markdown, JSON, plots) "
-                             f"(default: {_measure.RESULTS_DIR.relative_to(_measure.REPO_ROOT)})")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="folder for the reports (markdown, JSON, plots) (default: runs/benchmarks/<preset>; "
+                             "benchmarks/results to regenerate the committed ones)")
     parser.add_argument("--jobs", type=int, default=1, help="accuracy rows run in parallel")
     parser.add_argument("--dry-run", action="store_true", help="print what would run")
     args = parser.parse_args(argv)
     unknown = set(args.only) - set(SCRIPTS)
     if unknown:
         parser.error(f"unknown scripts {sorted(unknown)}; choose from {', '.join(SCRIPTS)}")
-    arguments = script_arguments(args.preset, args.out_dir, args.jobs)
+    out_dir = args.out_dir or _measure.REPO_ROOT / "runs" / "benchmarks" / args.preset
+    arguments = script_arguments(args.preset, out_dir, args.jobs)
     for name in (s for s in SCRIPTS if s in args.only):
         print(f"== python -m benchmarks.{name} {shlex.join(arguments[name])}", flush=True)
         if args.dry_run:

@@ -13,6 +13,7 @@ Linux only for the CPU peak (``/proc``); the CUDA path works anywhere torch does
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import datetime
 import importlib.metadata
@@ -24,7 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 MIB = 2**20
 GIB = 2**30
@@ -250,6 +251,33 @@ def command_line(module: str, argv: Optional[Sequence[str]]) -> str:
     return " ".join(["python", "-m", module, *arguments])
 
 
+# ---------------------------------------------------------------------------------------------- figures
+
+
+def figure(ncols: int = 1, size: Tuple[float, float] = (8.5, 4.5)) -> Tuple[Any, List[Any]]:
+    """A matplotlib figure with ``ncols`` axes side by side, drawn off screen (no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    drawing = Figure(figsize=size)
+    FigureCanvasAgg(drawing)
+    return drawing, [drawing.add_subplot(1, ncols, index + 1) for index in range(ncols)]
+
+
+def palette(count: int) -> List[Tuple[float, ...]]:
+    """``count`` distinguishable colours: matplotlib's tab10, or tab20 beyond ten."""
+    from matplotlib import colormaps
+
+    return list(colormaps["tab10" if count <= 10 else "tab20"].colors)[:count]
+
+
+def save_figure(drawing: Any, path: Path) -> Path:
+    """Write ``drawing`` as a PNG at 110 dpi, creating the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    drawing.savefig(path, dpi=110)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------- tables
 
 
@@ -277,3 +305,20 @@ def write_text(path: Path, text: str) -> Path:
 def split_list(value: str) -> List[str]:
     """``"a,b, c"`` -> ``["a", "b", "c"]`` (for comma-separated command-line options)."""
     return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def int_list(value: str) -> List[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``."""
+    return [int(item) for item in split_list(value)]
+
+
+def script_parser(module: str, doc: str, out: Optional[str] = None, **kwargs: Any) -> argparse.ArgumentParser:
+    """The argument parser of ``python -m benchmarks.<module>``: the first paragraph of ``doc`` as description and,
+    given ``out``, ``--out`` (the markdown report; JSON and plots go beside it), default ``benchmarks/results/<out>``.
+    """
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{module}".rstrip("."),
+                                     description=doc.split("\n\n")[0], **kwargs)
+    if out is not None:
+        parser.add_argument("--out", type=Path, default=RESULTS_DIR / out,
+                            help=f"markdown report, with its JSON beside it (default: benchmarks/results/{out})")
+    return parser

@@ -18,8 +18,6 @@ from benchmarks._stats import mean_std, paired_interval, t_quantile
 METRICS = ("last", "avg", "forgetting")
 """Per-run numbers aggregated over seeds (``results.json`` keys)."""
 
-METRIC_NAMES = {"last": "Last", "avg": "Avg", "forgetting": "forgetting"}
-
 RunsBySeed = Mapping[str, Mapping[int, Mapping[str, Any]]]
 """``runs[row][seed]`` = that run's ``results.json``."""
 
@@ -52,6 +50,10 @@ def summarize(runs: RunsBySeed, baselines: Mapping[str, str], confidence: float 
         for metric in METRICS:
             mean, std = mean_std(entry["per_seed"][metric])
             entry[metric] = {"mean": mean, "std": _finite_or_none(std)}
+        peaks = [by_seed[s].get("peak_memory_mib") for s in seeds]
+        if None not in peaks:
+            mean, std = mean_std(peaks)
+            entry["peak_memory_mib"] = {"mean": mean, "std": _finite_or_none(std)}
         curves = np.array([by_seed[s]["seen_acc"] for s in seeds], dtype=float)
         entry["seen_acc"] = {"mean": curves.mean(axis=0).tolist(),
                              "std": curves.std(axis=0, ddof=1).tolist() if len(seeds) > 1 else None}
@@ -180,17 +182,11 @@ def plot_seeds(summary: Mapping[str, Mapping[str, Any]], order: Sequence[str], l
                path: Path, title: str) -> Optional[Path]:
     """Two panels: accuracy on all seen classes after each task (mean, error bars = std over seeds), and each
     row's paired Δ Last against its FO baseline with its 95% interval."""
-    from matplotlib import colormaps
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     present = [name for name in order if name in summary]
     if not present:
         return None
-    colours = dict(zip(present, colormaps["tab10" if len(present) <= 10 else "tab20"].colors))
-    figure = Figure(figsize=(12, 4.8))
-    FigureCanvasAgg(figure)
-    curves, deltas = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+    colours = dict(zip(present, _measure.palette(len(present))))
+    figure, (curves, deltas) = _measure.figure(ncols=2, size=(12, 4.8))
     for name in present:
         entry = summary[name]
         mean = entry["seen_acc"]["mean"]
@@ -218,6 +214,4 @@ def plot_seeds(summary: Mapping[str, Mapping[str, Any]], order: Sequence[str], l
     deltas.grid(alpha=0.3, axis="x")
     figure.suptitle(title, fontsize=9)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    return path
+    return _measure.save_figure(figure, path)

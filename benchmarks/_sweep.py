@@ -9,9 +9,13 @@ chosen. Folders:
 * ``<runs-dir>/tuning/<row>/<knobs>/``: tuning runs, on the validation split, with the tuning seed;
 * ``<runs-dir>/seeds/<row>/seed<k>/`` (``seeds-untuned/`` without tuning): one test-set run per seed.
 
-A folder whose ``results.json`` exists is not run again; one made with other ``clip_cl.py`` arguments (another knob
-value, seed, split, row definition or ``--clip-args``) stops the sweep with :class:`StaleRunError` instead of being
-overwritten.
+Each finished run is also kept as a small JSON record in the committed store, ``<store>/<run name>.json``
+(``benchmarks/results/accuracy_<preset>_runs/tuning/<row>/<knobs>.json``, ``.../seeds/<row>/seed<k>.json``): the
+fields of its ``results.json`` the reports read, its command and the commit that ran it, without the per-step
+losses (a mean per task instead). A run with a ``results.json`` or a record is done and is not run again, so a fresh
+clone resumes where the committed records stop and rebuilds the reports from them alone; a run made with other
+``clip_cl.py`` arguments (another knob value, seed, split, row definition or ``--clip-args``) stops the sweep with
+:class:`StaleRunError` instead of being overwritten.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import shlex
+import subprocess
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +44,10 @@ class Run:
         row: Row name.
         flags: ``clip_cl.py`` flags on top of the row's own (knobs, ``--seed``, ``--validation-fraction``).
         expected: Config values its ``results.json`` must show (checked on resume).
-        out: Its folder.
+        name: Unique name, its path below the runs folder and the store: ``tuning/<row>/<knobs>``,
+            ``seeds/<row>/seed<k>``.
+        out: Its folder, where ``clip_cl.py`` writes ``results.json``.
+        record: Its committed record (``None``: the sweep keeps none).
         arguments: All its ``clip_cl.py`` arguments except where it reads and writes (``--data-root``, ``--out``,
             ``--no-progress``, ``--threads``): the row's, ``flags`` and the sweep's extra arguments.
     """
@@ -47,13 +55,15 @@ class Run:
     row: str
     flags: Tuple[str, ...]
     expected: Tuple[Tuple[str, Any], ...]
+    name: str
     out: Path
+    record: Optional[Path] = None
     arguments: Tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
-        """Unique name: the folder."""
-        return str(self.out)
+        """Unique name (:attr:`name`)."""
+        return self.name
 
 
 def _same(recorded: Any, wanted: Any) -> bool:
@@ -83,22 +93,58 @@ def recorded_arguments(command: str) -> Tuple[str, ...]:
     return tuple(kept)
 
 
-def finished_result(run: Run) -> Optional[Dict[str, Any]]:
-    """The run's ``results.json`` if it exists; raises :class:`StaleRunError` if it was run with other values."""
-    path = run.out / "results.json"
-    if not path.is_file():
-        return None
+RECORD_KEYS = ("command", "config", "tasks", "last", "avg", "forgetting", "acc_matrix", "seen_acc", "task_start_steps",
+               "steps", "forward_passes", "backward_passes", "zo_choices", "wall_time_s", "train_time_s",
+               "peak_memory_mib", "peak_memory_kind", "trainable_parameters", "checkpoint_sha256", "versions",
+               "evaluation", "numerics")
+"""``results.json`` fields a committed record keeps (the per-step ``losses`` become ``loss_per_task``)."""
+
+
+def git_commit(folder: Path) -> str:
+    """The commit checked out where ``folder`` lies (``""`` outside a git checkout)."""
+    done = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+def compact(result: Mapping[str, Any], commit: str) -> Dict[str, Any]:
+    """The committed record of a ``results.json``: :data:`RECORD_KEYS`, the mean loss of each task and the commit
+    of the checkout that ran it."""
+    record = {key: result[key] for key in RECORD_KEYS if key in result}
+    losses, starts = result.get("losses"), result.get("task_start_steps")
+    if losses and starts:
+        bounds = [*starts, len(losses)]
+        record["loss_per_task"] = [sum(losses[a:b]) / max(b - a, 1) for a, b in zip(bounds, bounds[1:])]
+    record["commit"] = commit
+    return record
+
+
+def _checked(run: Run, path: Path) -> Dict[str, Any]:
+    """``path`` (a ``results.json`` or a record) of ``run``; raises :class:`StaleRunError` if it was run with
+    other values."""
     result = json.loads(path.read_text())
     config = result.get("config", {})
     wrong = {key: (config.get(key), wanted) for key, wanted in run.expected if not _same(config.get(key), wanted)}
     if wrong:
         details = ", ".join(f"{key}={got!r} (needed {wanted!r})" for key, (got, wanted) in wrong.items())
-        raise StaleRunError(f"{path} was run with {details}; delete {run.out} to run it again with this sweep's values")
+        raise StaleRunError(f"{path} was run with {details}; delete it to run it again with this sweep's values")
     recorded = recorded_arguments(result.get("command", ""))
     if recorded != run.arguments:
         raise StaleRunError(f"{path} was run with the arguments {shlex.join(recorded)!r}, this sweep needs "
-                            f"{shlex.join(run.arguments)!r}; delete {run.out} to run it again")
+                            f"{shlex.join(run.arguments)!r}; delete {path} to run it again")
     return result
+
+
+def finished_result(run: Run) -> Optional[Dict[str, Any]]:
+    """The run's ``results.json``, else its committed record, if either exists (see :func:`_checked`); a
+    ``results.json`` still being written counts as not there."""
+    for path in (run.out / "results.json", run.record):
+        if path is not None and path.is_file():
+            try:
+                return _checked(run, path)
+            except json.JSONDecodeError:
+                if path == run.record:
+                    raise
+    return None
 
 
 @dataclass
@@ -110,34 +156,51 @@ class Sweep:
         kinds: ``"fo"`` or ``"zo"`` per row (what tuning searches).
         baselines: FO baseline of each row (itself for a baseline).
         runs_dir: Root folder of the runs.
+        store: Root folder of the committed records (``None``: none kept).
         seeds: Seeds of the test-set runs (empty: tuning only).
+        extra_seeds: More seeds for some rows (and their baselines), e.g. ``{"moe-vision": (3, 4)}``.
         tune: Whether to tune first and run the seeds with the chosen knobs.
         validation_fraction: Share of each class held out for tuning.
         tune_seed: Training seed of the tuning runs.
         grid: Values tuning tries.
         row_arguments: ``clip_cl.py`` arguments of each row (preset and row flags).
         extra: Arguments added to every run (``accuracy.py --clip-args``).
+        on_record: Called with the path of each record the sweep writes (e.g. to commit it).
+        keep_records: Whether to write records at all (``False`` for a dry run).
     """
 
     rows: Sequence[str]
     kinds: Mapping[str, str]
     baselines: Mapping[str, str]
     runs_dir: Path
+    store: Optional[Path] = None
     seeds: Sequence[int] = ()
+    extra_seeds: Mapping[str, Sequence[int]] = field(default_factory=dict)
     tune: bool = False
     validation_fraction: float = 0.1
     tune_seed: int = 0
     grid: _tuning.TuningGrid = _tuning.GRID
     row_arguments: Mapping[str, Sequence[str]] = field(default_factory=dict)
     extra: Sequence[str] = ()
+    on_record: Callable[[Path], None] = lambda path: None
+    keep_records: bool = True
     results: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     """Finished runs' ``results.json`` by :attr:`Run.key`."""
     failed: Dict[str, str] = field(default_factory=dict)
     """Status of failed runs by :attr:`Run.key` (not retried within one invocation)."""
 
-    def _run(self, row: str, flags: Sequence[str], expected: Mapping[str, Any], out: Path) -> Run:
+    def _run(self, row: str, flags: Sequence[str], expected: Mapping[str, Any], name: str) -> Run:
         arguments = (*self.row_arguments.get(row, ()), *flags, *self.extra)
-        return Run(row, tuple(flags), tuple(expected.items()), out, arguments)
+        record = None if self.store is None else self.store / f"{name}.json"
+        return Run(row, tuple(flags), tuple(expected.items()), name, self.runs_dir / name, record, arguments)
+
+    def save_record(self, run: Run, result: Mapping[str, Any]) -> None:
+        """Write ``run``'s committed record from its ``results.json`` unless it exists."""
+        if run.record is None or run.record.is_file() or not self.keep_records:
+            return
+        run.record.parent.mkdir(parents=True, exist_ok=True)
+        run.record.write_text(json.dumps(compact(result, git_commit(run.out)), indent=1) + "\n")
+        self.on_record(run.record)
 
     # ----------------------------------------------------------------------------------------------- tuning
 
@@ -146,17 +209,19 @@ class Sweep:
         expected = {"seed": self.tune_seed, "validation_fraction": self.validation_fraction, **knobs}
         flags = (*_tuning.knob_flags(knobs), "--seed", str(self.tune_seed), "--validation-fraction",
                  f"{self.validation_fraction:g}")
-        return self._run(row, flags, expected, self.runs_dir / "tuning" / row / _tuning.knobs_tag(knobs))
+        return self._run(row, flags, expected, f"tuning/{row}/{_tuning.knobs_tag(knobs)}")
 
     def scores(self, row: str, fo_lr: Optional[float]) -> Dict[str, _tuning.Score]:
         """Validation scores of ``row``'s finished tuning runs (those named so far), keyed by knobs tag."""
         scores: Dict[str, _tuning.Score] = {}
-        for _ in range(2):  # the second coordinate is named once the first is scored
+        while True:  # later points are named once earlier ones are scored
+            count = len(scores)
             for knobs in _tuning.tuning_points(self.kinds[row], scores, fo_lr, self.grid):
                 result = self.results.get(self.tuning_run(row, knobs).key)
                 if result is not None:
                     scores[_tuning.knobs_tag(knobs)] = _tuning.Score(result["last"], result["avg"])
-        return scores
+            if len(scores) == count:
+                return scores
 
     def fo_lr_for(self, row: str) -> Optional[float]:
         """The FO learning rate a ZO row keeps while tuning: its baseline's choice (``None`` until chosen)."""
@@ -174,17 +239,16 @@ class Sweep:
         kind = self.kinds[row]
         fo_lr = self.fo_lr_for(row) if kind == "zo" else None
         scores = self.scores(row, fo_lr)
+        named, choice = _tuning.search(kind, scores, fo_lr, self.grid)
         points = []
-        for knobs in _tuning.tuning_points(kind, scores, fo_lr, self.grid):
+        for knobs in named:
             run = self.tuning_run(row, knobs)
             score = scores.get(_tuning.knobs_tag(knobs))
             points.append({"knobs": knobs, "last": None if score is None else score.last,
                            "avg": None if score is None else score.avg,
-                           "status": "done" if score else self.failed.get(run.key, "not run"),
-                           "folder": str(run.out)})
-        choice = _tuning.choose(kind, scores, fo_lr, self.grid)
+                           "status": "done" if score else self.failed.get(run.key, "not run"), "run": run.name})
         return {"kind": kind, "baseline": self.baselines[row], "fixed_fo_lr": fo_lr, "points": points,
-                "choice": choice, "edges": _tuning.edges(kind, choice, self.grid) if choice else []}
+                "choice": choice, "edges": _tuning.edges(choice, named, self.grid) if choice else []}
 
     # ------------------------------------------------------------------------------------------------ seeds
 
@@ -192,8 +256,14 @@ class Sweep:
         """The test-set run of ``row`` with ``seed`` (and the tuned ``knobs``)."""
         expected = {"seed": seed, "validation_fraction": 0.0, **knobs}
         folder = "seeds" if self.tune else "seeds-untuned"
-        return self._run(row, (*_tuning.knob_flags(knobs), "--seed", str(seed)), expected,
-                         self.runs_dir / folder / row / f"seed{seed}")
+        return self._run(row, (*_tuning.knob_flags(knobs), "--seed", str(seed)), expected, f"{folder}/{row}/seed{seed}")
+
+    def seeds_of(self, row: str) -> List[int]:
+        """Seeds of ``row``'s test-set runs: :attr:`seeds`, and :attr:`extra_seeds` of the row and of the rows
+        whose baseline it is (paired intervals need the baseline's runs)."""
+        more = [seed for name, seeds in self.extra_seeds.items()
+                if name == row or (self.baselines.get(name) == row and name in self.rows) for seed in seeds]
+        return list(dict.fromkeys([*self.seeds, *more]))
 
     def knobs(self, row: str) -> Optional[_tuning.Knobs]:
         """Knobs of ``row``'s seed runs: the tuned ones (``None`` until chosen), or none without tuning."""
@@ -206,7 +276,7 @@ class Sweep:
             knobs = self.knobs(row)
             if knobs is None:
                 continue
-            for seed in self.seeds:
+            for seed in self.seeds_of(row):
                 result = self.results.get(self.seed_run(row, seed, knobs).key)
                 if result is not None:
                     out.setdefault(row, {})[seed] = result
@@ -224,7 +294,7 @@ class Sweep:
                          _tuning.tuning_points(self.kinds[row], self.scores(row, fo_lr), fo_lr, self.grid)]
             knobs = self.knobs(row)
             if knobs is not None:
-                runs += [self.seed_run(row, seed, knobs) for seed in self.seeds]
+                runs += [self.seed_run(row, seed, knobs) for seed in self.seeds_of(row)]
         return runs
 
     def load_finished(self, running: AbstractSet[str] = frozenset()) -> None:
@@ -241,6 +311,7 @@ class Sweep:
                 return
             for run, result in loaded:
                 self.results[run.key] = result
+                self.save_record(run, result)
 
     def pending(self, running: AbstractSet[str] = frozenset()) -> List[Run]:
         """Runs that can start now: named, not finished, not failed, not ``running``."""
@@ -282,6 +353,7 @@ class Sweep:
                             succeeded, status = False, f"FAILED: no results.json in {run.out}"
                         else:
                             self.results[run.key] = result
+                            self.save_record(run, result)
                     if not succeeded:
                         self.failed[run.key] = status
                         statuses[run.key] = status

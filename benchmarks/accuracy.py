@@ -25,8 +25,13 @@ Over seeds, tuned on a validation split (``--tune``: ``benchmarks/_tuning.py`` h
 paired 95% intervals against the FO baseline of the same adapter, written to ``accuracy_<preset>_seeds.md``
 (``benchmarks/_sweep.py`` names the runs, ``benchmarks/_seeds.py`` aggregates them); resumable the same way:
 
-    python -m benchmarks.accuracy --preset cpu --rows seeds --tune --seeds 0,1,2 --jobs 2
-    python -m benchmarks.accuracy --preset cpu --rows seeds --tune --seeds 0,1,2 --report-only
+    python -m benchmarks.accuracy --preset cpu --rows seeds --tune --seeds 0,1,2 --extra-seeds 3,4 --jobs 2
+    python -m benchmarks.accuracy --preset cpu --rows seeds --tune --seeds 0,1,2 --extra-seeds 3,4 --report-only
+    python -m benchmarks.accuracy --preset cpu --rows seeds --tune --seeds 0,1,2 --extra-seeds 3,4 --collect DIR
+
+Every finished run of the sweep is kept in ``benchmarks/results/accuracy_<preset>_runs/`` (commit it): a fresh clone
+resumes from there and ``--report-only`` rebuilds the report from it alone; ``--collect DIR`` copies the finished
+runs of another runs folder (another checkout's ``runs/benchmarks/accuracy-cpu``) into it.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from benchmarks import _measure
 
-from benchmarks import _seeds, _sweep, _tuning
+from benchmarks import _seeds, _sweep, _tradeoff, _tuning
 
 CLIP_CL = ("-m", "examples.clip_cl")
 """How each row runs the example: ``python -m examples.clip_cl ...`` in the repository root."""
@@ -174,6 +179,9 @@ TABLES: Dict[str, Table] = {
 }
 
 
+COMPARED = ("moe-fo", "mozo-dual-hop-odd", "mozo-dual-hop-even", "moe-vision")
+"""The rows the README compares: ``--extra-seeds`` runs them (default) with more seeds."""
+
 SETS: Dict[str, Table] = {
     "seeds": Table("seeds", "Rows over seeds", ("moe-fo", "moe-dual", "moe-vision", "moe-language",
                                                "mozo-dual-hop-odd", "mozo-dual-hop-even", "zofc-fo", "zofc"), None,
@@ -271,29 +279,17 @@ def table_markdown(table: Table, results: Dict[str, Dict[str, Any]], preset: str
     return _measure.markdown_table(headers, lines)
 
 
-def _palette(count: int) -> List[Tuple[float, ...]]:
-    """``count`` distinguishable colours: matplotlib's tab10, or tab20 beyond ten lines."""
-    from matplotlib import colormaps
-
-    return list(colormaps["tab10" if count <= 10 else "tab20"].colors)[:count]
-
-
 def plot_table(table: Table, results: Dict[str, Dict[str, Any]], path: Path, preset: str) -> Optional[Path]:
     """Accuracy on all seen classes after each task, one line per row of the table that has results."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     present = [name for name in table.rows if name in results]
     if not present:
         return None
     if table.baseline is not None and table.baseline in results and table.baseline not in present:
         present.insert(0, table.baseline)  # every Δ is against it, so show it too
-    figure = Figure(figsize=(8.5, 4.5))
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot(1, 1, 1)
+    figure, (axes,) = _measure.figure()
     others = [name for name in present if name != table.baseline]
     styles = {name: {"color": color, "linestyle": ("-", "-.")[index % 2]}
-              for index, (name, color) in enumerate(zip(others, _palette(len(others))))}
+              for index, (name, color) in enumerate(zip(others, _measure.palette(len(others))))}
     if table.baseline is not None:
         styles[table.baseline] = {"color": "black", "linestyle": "--", "linewidth": 1.8}
     tasks = 0
@@ -309,9 +305,7 @@ def plot_table(table: Table, results: Dict[str, Dict[str, Any]], path: Path, pre
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    return path
+    return _measure.save_figure(figure, path)
 
 
 def write_report(results: Dict[str, Dict[str, Any]], tables: Sequence[Table], args: argparse.Namespace,
@@ -368,9 +362,19 @@ def make_sweep(args: argparse.Namespace, selected: Sequence[str]) -> _sweep.Swee
     baselines = {name: row.baseline for name, row in ROWS.items()}
     rows = _sweep.with_baselines(selected, baselines)
     return _sweep.Sweep(rows, {name: _sweep.row_kind(ROWS[name].flags) for name in rows}, baselines, args.runs_dir,
-                        seeds=args.seeds, tune=args.tune, validation_fraction=args.validation_fraction,
-                        tune_seed=args.tune_seed, extra=shlex.split(args.clip_args),
+                        store=args.out.parent / f"accuracy_{args.preset}_runs", seeds=args.seeds,
+                        extra_seeds={name: args.extra_seeds for name in args.extra_rows if name in rows},
+                        tune=args.tune, validation_fraction=args.validation_fraction, tune_seed=args.tune_seed,
+                        extra=shlex.split(args.clip_args), on_record=commit_record if args.commit else lambda _: None,
+                        keep_records=not args.dry_run,
                         row_arguments={name: ROWS[name].arguments(args.preset) for name in rows})
+
+
+def commit_record(path: Path) -> None:
+    """``git commit`` one new record of the sweep (``--commit``) in the checkout it lies in, nothing else staged."""
+    for command in (["add", "--", path.name], ["commit", "-q", "-m", f"accuracy sweep: {_display_path(path)}", "--",
+                                                path.name]):
+        subprocess.run(["git", *command], cwd=path.parent, check=True, capture_output=True)
 
 
 def _knobs_text(sweep: _sweep.Sweep, name: str) -> str:
@@ -396,6 +400,14 @@ def reproduce_command(sweep: _sweep.Sweep, name: str, seed: int, threads: Option
     return "python -m examples.clip_cl " + shlex.join(arguments)
 
 
+def _display_path(path: Path) -> str:
+    """``path`` relative to the repository root where it lies inside it."""
+    try:
+        return path.resolve().relative_to(_measure.REPO_ROOT).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def seeds_report(sweep: _sweep.Sweep, args: argparse.Namespace, info: Dict[str, Any], statuses: Dict[str, str],
                  argv: Optional[Sequence[str]], threads: Optional[int]) -> Tuple[str, Dict[str, Any]]:
     """Markdown and JSON of a multi-seed sweep: results over seeds with paired intervals, per-seed values, the
@@ -407,6 +419,10 @@ def seeds_report(sweep: _sweep.Sweep, args: argparse.Namespace, info: Dict[str, 
     tuning = {name: sweep.tuning_record(name) for name in order} if sweep.tune else {}
     grid = _tuning.GRID
     seeds_text = ", ".join(str(seed) for seed in sweep.seeds) or "none"
+    if sweep.extra_seeds:
+        more = sorted({seed for seeds in sweep.extra_seeds.values() for seed in seeds})
+        seeds_text += (f"; also {', '.join(map(str, more))} for "
+                       + ", ".join(labels[name] for name in sweep.extra_seeds) + " and their FO baseline")
     lines = [
         f"# Continual-learning accuracy over seeds, `{args.preset}` preset",
         "",
@@ -414,7 +430,8 @@ def seeds_report(sweep: _sweep.Sweep, args: argparse.Namespace, info: Dict[str, 
                                       _measure.load_average()),
         f"- Runs: `{args.runs_dir}` (`tuning/<row>/<knobs>/`, `{'seeds' if sweep.tune else 'seeds-untuned'}/<row>/"
         "seed<k>/`; each folder's log.txt has the command, results.json the config, versions, checkpoint sha256 "
-        "and numerics).",
+        f"and numerics); every finished run is committed as `{_display_path(sweep.store)}/<run>.json` (the same "
+        "fields without the per-step losses, with the commit that ran it), which is all this report reads.",
         f"- Seeds {seeds_text}: every row once per seed (`clip_cl.py --seed k`: data order, augmentation, routing "
         "noise and ZO directions), trained on the whole training set and evaluated on the test set. Mean \u00b1 "
         "sample standard deviation (n\u22121) over seeds.",
@@ -430,7 +447,9 @@ def seeds_report(sweep: _sweep.Sweep, args: argparse.Namespace, info: Dict[str, 
             f"trained on, tuning seed {sweep.tune_seed}. FO rows: `--lr` in {list(grid.fo_lr)} ({fo_runs} runs). "
             f"ZO rows: `--lr` fixed at their FO baseline's choice; `--zo-lr` in {list(grid.zo_lr)} at "
             f"`--eps-language` {grid.default_eps:g}, then `--eps-language` in {list(grid.eps)} at the best ZO lr "
-            f"({zo_runs} runs; the vision eps follows as in clip_cl.py, half with `--mozo`). Choice: highest "
+            f"({zo_runs} runs; the vision eps follows as in clip_cl.py, half with `--mozo`). A search whose best "
+            f"value is on the edge of what it tried goes one step further (x{grid.fo_step:g} for `--lr`, "
+            f"x{grid.zo_step:g} for the ZO knobs), at most {grid.max_extensions} values per knob. Choice: highest "
             "validation Last, ties by Avg.")
     else:
         lines.append("- Not tuned: every row with its preset's learning rate and eps (`--zo-lr` = `--lr`).")
@@ -451,21 +470,31 @@ def seeds_report(sweep: _sweep.Sweep, args: argparse.Namespace, info: Dict[str, 
     if tuning:
         lines += ["", "## Tuning on the validation split", "",
                   "Validation Last / Avg of every tuning run (accuracy on held-out training images of the seen "
-                  "classes); the chosen run is marked, with the knobs at the edge of their grid, where the best "
-                  "value may lie outside it.", "", _seeds.tuning_table(tuning, order, labels)]
+                  "classes), in the order the search named them; the chosen run is marked, with the knobs still on "
+                  "the edge of what was tried after extending the grid, where the best value may lie outside it.", "", _seeds.tuning_table(tuning, order, labels)]
     commands = {name: reproduce_command(sweep, name, (sweep.seeds or [0])[0], threads) for name in order}
+    rows = {name: {"label": labels[name], **summary[name]} for name in order if name in summary}
+    tradeoff = _tradeoff.plot(rows, args.out.parent / f"{args.out.stem}_tradeoff.png",
+                              f"{args.preset} preset, seeds {seeds_text}")
+    if tradeoff is not None:
+        lines += ["", "## Memory against accuracy", "", _tradeoff.CAPTION, "", f"![memory against accuracy]({tradeoff.name})"]
     lines += ["", "## Reproducing a run", "",
               "Each command repeats that row's run bit for bit (losses and accuracy matrix) given the same "
               "checkpoint, torch and open_clip versions, thread count and CPU kernel path (results.json: "
               "`checkpoint_sha256`, `versions`, `numerics`); change `--seed` for the other seeds. Other thread counts "
               "or CPUs round differently and part after a few steps (benchmarks/README.md, Reproducibility).", "",
               "```bash", *(f"{command}  # {labels[name]}" for name, command in commands.items() if command), "```"]
+    every_run = {run.name: sweep.results[run.key]["command"] for run in sweep.named_runs() if run.key in sweep.results}
+    lines += ["", "## Every run", "", "The command each finished run recorded (its `results.json`), paths included.",
+              "", "<details><summary>" + f"{len(every_run)} runs</summary>", "", "```bash",
+              *(f"{command}  # {name}" for name, command in every_run.items()), "```", "", "</details>"]
     record = {
         "environment": info,
         "method": {"seeds": list(sweep.seeds), "tuned": sweep.tune, "validation_fraction": sweep.validation_fraction,
                    "tune_seed": sweep.tune_seed, "grid": grid.to_dict() if sweep.tune else None,
                    "confidence": 0.95, "std": "sample (n-1)"},
         "tuning": tuning,
+        "runs": every_run,
         "rows": {name: {"label": labels[name], "knobs": sweep.knobs(name), "command": commands[name],
                         **summary[name]} for name in order if name in summary},
     }
@@ -500,8 +529,7 @@ def run_sweep(args: argparse.Namespace, selected: Sequence[str], threads: Option
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Any]]:
     """Run the selected rows (skipping finished ones) and write the tables, plots and a JSON summary."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.accuracy", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _measure.script_parser("accuracy", __doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="cpu", choices=sorted(PRESET_DEPTH),
                         help="examples/clip_cl.py preset: cpu (tiny CLIP, 2 CPU cores), paper (ViT-B/16, a GPU), "
                              "smoke (seconds)")
@@ -515,9 +543,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Any]]:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per run (default: 1 when --jobs > 1, else torch's choice)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the single-seed tables")
-    parser.add_argument("--seeds", type=lambda value: [int(s) for s in _measure.split_list(value)], default=[],
+    parser.add_argument("--seeds", type=_measure.int_list, default=[],
                         help="comma-separated seeds, e.g. 0,1,2: run every selected row (and its FO baseline) once "
                              "per seed and write the multi-seed report (mean +/- std, paired 95%% intervals)")
+    parser.add_argument("--extra-seeds", type=_measure.int_list, default=[],
+                        help="more seeds, e.g. 3,4, for the rows of --extra-rows (and their FO baseline) only")
+    parser.add_argument("--extra-rows", type=_measure.split_list, default=list(COMPARED),
+                        help=f"rows that get --extra-seeds (default: the compared rows, {','.join(COMPARED)})")
     parser.add_argument("--tune", action="store_true",
                         help="tune each selected row's knobs on a validation split first (--lr of FO rows; --zo-lr, "
                              "then --eps-language of ZO rows; same number of runs) and run --seeds with the choice")
@@ -535,6 +567,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Any]]:
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: write the tables from the results already in --runs-dir")
+    parser.add_argument("--collect", type=Path, default=None, metavar="RUNS_DIR",
+                        help="--tune/--seeds: copy the finished runs of RUNS_DIR (another checkout's runs folder) "
+                             "into the committed records, then write the report; runs nothing")
+    parser.add_argument("--commit", action="store_true",
+                        help="--tune/--seeds: git commit each run's record as soon as it is written")
     parser.add_argument("--list", action="store_true", help="list the rows and exit")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -543,12 +580,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Any]]:
         for row in ROWS.values():
             print(f"{row.name:>22}  {row.display(args.preset):<40} {' '.join(row.arguments(args.preset))}")
         return {}
-    unknown = (set(args.rows) - TABLES.keys() - SETS.keys()) | (set(args.only or ()) - ROWS.keys())
+    if args.collect is not None:
+        args.runs_dir, args.report_only = args.collect, True
+    unknown = ((set(args.rows) - TABLES.keys() - SETS.keys()) | (set(args.only or ()) - ROWS.keys())
+               | (set(args.extra_rows) - ROWS.keys()))
     if unknown:
         parser.error(f"unknown tables or rows: {sorted(unknown)} (see --list)")
     if not 0.0 < args.validation_fraction < 1.0:
         parser.error(f"--validation-fraction must lie in (0, 1), got {args.validation_fraction}")
-    multi_seed = bool(args.seeds) or args.tune
+    multi_seed = bool(args.seeds) or bool(args.extra_seeds) or args.tune
     args.runs_dir = args.runs_dir or _measure.REPO_ROOT / "runs" / "benchmarks" / f"accuracy-{args.preset}"
     args.out = args.out or _measure.RESULTS_DIR / f"accuracy_{args.preset}{'_seeds' if multi_seed else ''}.md"
     all_tables = {**TABLES, **SETS}

@@ -42,40 +42,14 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "2"}
 
 
 def build_model(vocab: int, width: int, depth: int, heads: int, context: int) -> Any:
-    """A GPT-style character language model: embeddings, ``depth`` pre-norm blocks, a linear head."""
+    """``examples/fsdp_zo.py``'s character language model (embeddings, ``depth`` pre-norm blocks, a linear head),
+    initialised from seed 0."""
     import torch
-    from torch import nn
-    from torch.nn import functional as F
 
-    class Block(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
-            self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
-            self.fc, self.out = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+    from examples.fsdp_zo import CharLM
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            b, t, d = x.shape
-            q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
-            attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            x = x + self.proj(attended.transpose(1, 2).reshape(b, t, d))
-            return x + self.out(F.gelu(self.fc(self.ln2(x))))
-
-    class CharLM(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.tok, self.pos = nn.Embedding(vocab, width), nn.Embedding(context, width)
-            self.blocks = nn.ModuleList(Block() for _ in range(depth))
-            self.ln, self.head = nn.LayerNorm(width), nn.Linear(width, vocab)
-
-        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-            h = self.tok(tokens) + self.pos(torch.arange(tokens.shape[1]))
-            for block in self.blocks:
-                h = block(h)
-            return self.head(self.ln(h).flatten(0, 1))
-
-    torch.manual_seed(0)
-    return CharLM()
+    torch.manual_seed(0)  # a fresh process per measurement: the global generator is its own
+    return CharLM(vocab, width, depth, heads, context)
 
 
 def measure(args: argparse.Namespace) -> Dict[str, Any]:
@@ -226,7 +200,7 @@ def parse_shapes(value: str) -> List[List[int]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.fsdp_memory", description=__doc__.split("\n\n")[0])
+    parser = _measure.script_parser("fsdp_memory", __doc__, out="fsdp_memory.md")
     parser.add_argument("--world", type=int, default=2, help="processes of the sharded run")
     parser.add_argument("--shapes", type=parse_shapes, default=parse_shapes("28x512,48x384"),
                         help="comma-separated DEPTHxWIDTH models to measure")
@@ -234,7 +208,6 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--batch", type=int, default=2, help="global batch (sequences), split over processes")
-    parser.add_argument("--out", type=Path, default=_measure.RESULTS_DIR / "fsdp_memory.md")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--width", type=int, default=512, help=argparse.SUPPRESS)
     parser.add_argument("--depth", type=int, default=28, help=argparse.SUPPRESS)
@@ -247,7 +220,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     if args.batch % args.world:
         parser.error(f"--batch {args.batch} is not divisible by --world {args.world}")
     info = _measure.environment()
-    command = " ".join(["python -m benchmarks.fsdp_memory", *(sys.argv[1:] if argv is None else argv)])
+    command = _measure.command_line("benchmarks.fsdp_memory", argv)
     runs = []
     for depth, width in args.shapes:
         args.depth, args.width = depth, width

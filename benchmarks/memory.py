@@ -34,11 +34,7 @@ optimizer state bytes per trainable parameter for every rule and mode against ``
 
     python -m benchmarks.memory [--model ViT-B-16] [--batch 8] [--prompts 10] [--device cpu]
 
-To add or re-measure a few configurations without rerunning the rest (about a minute each on CPU),
-``--configs NAMES --keep-from benchmarks/results/memory.json`` takes every other configuration, and the
-batch sweep unless ``--sweep-batches`` is given, from that earlier run; the report says which rows were
-kept and from which commit. ``--configs limits`` stands for every ``-limit`` configuration, e.g. to add
-the limits to a run made before they existed.
+``--configs limits`` stands for every ``-limit`` configuration.
 """
 
 from __future__ import annotations
@@ -350,14 +346,9 @@ def write_plot(results: Dict[str, Dict[str, Any]], path: Path, title: str) -> Pa
 
     A placement whose limit was measured gets a black tick on each bar at the limit's value.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     names = [n for n in CONFIGS if n in results and CONFIGS[n].operation != "limit"]
     labels = [CONFIGS[n].label for n in names]
-    figure = Figure(figsize=(9, 0.32 * len(names) + 1.6))
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot(1, 1, 1)
+    figure, (axes,) = _measure.figure(size=(9, 0.32 * len(names) + 1.6))
     positions = list(range(len(names)))[::-1]
     axes.barh([p + 0.2 for p in positions], [results[n]["total_mib"] for n in names], height=0.4,
               color="#c6dbef", label="training peak incl. weights")
@@ -374,9 +365,7 @@ def write_plot(results: Dict[str, Dict[str, Any]], path: Path, title: str) -> Pa
     axes.set_title(title, fontsize=9)
     axes.legend(fontsize=8, loc="lower right")
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    return path
+    return _measure.save_figure(figure, path)
 
 
 def _sweep_table(results: Dict[str, Dict[str, Any]], sweep: Dict[int, Dict[str, Dict[str, Any]]],
@@ -403,25 +392,9 @@ def _sweep_table(results: Dict[str, Dict[str, Any]], sweep: Dict[int, Dict[str, 
                                     "Language w/ ZO", "Vision + Language reductions, 2 - (V + L)/F"], rows)
 
 
-def _load_kept(path: Path, settings: Dict[str, Any], measured: Sequence[str]) -> Dict[str, Any]:
-    """An earlier run's results to keep, checked against this run's settings."""
-    previous = json.loads(path.read_text())
-    if "settings" in previous:
-        # Files from before settings were recorded carry the command in the report instead.
-        differing = {k: (previous["settings"].get(k), v) for k, v in settings.items()
-                     if previous["settings"].get(k) != v}
-        if differing:
-            raise SystemExit(f"--keep-from {path}: measured with other settings {differing} (earlier, now)")
-    kept_configs = [name for name in previous["results"] if name not in measured and name in CONFIGS]
-    batch_sweep = {int(batch): rows for batch, rows in previous.get("batch_sweep", {}).items()}
-    return {"results": previous["results"], "batch_sweep": batch_sweep, "environment": previous["environment"],
-            "kept_configs": kept_configs}
-
-
 def write_report(results: Dict[str, Dict[str, Any]], sweep: Dict[int, Dict[str, Dict[str, Any]]],
                  state_rows: List[Dict[str, Any]], args: argparse.Namespace, info: Dict[str, Any], load_after: str,
-                 argv: Optional[Sequence[str]], kept: Optional[Dict[str, Any]] = None,
-                 notes: Sequence[str] = ()) -> str:
+                 argv: Optional[Sequence[str]], notes: Sequence[str] = ()) -> str:
     """The markdown of ``memory.md``; ``notes`` say which rows were left out and why."""
     any_result = next(iter(results.values()))
     headers = ["configuration", "ZO / FO trainable params", "step peak above model (MiB)", "vs FO",
@@ -441,13 +414,6 @@ def write_report(results: Dict[str, Dict[str, Any]], sweep: Dict[int, Dict[str, 
         "(Python, torch), i.e. weights + step (what `torch.cuda.max_memory_allocated` reports on a GPU). "
         "ZO groups: ZO-SGD-Cons, plain SGD rule; FO groups: AdamW.",
     ]
-    if kept is not None:
-        env = kept["environment"]
-        what = ", ".join(f"`{name}`" for name in kept["kept_configs"]) or "no configurations"
-        if sweep and not args.sweep_batches:
-            what += " and the batch sweep"
-        lines.append(f"- Kept from `{args.keep_from.as_posix()}`, measured {env['date']} at git commit "
-                     f"{env['git_commit']}: {what}. Everything else was measured by this command.")
     lines += [f"- {note}." for note in notes]
     lines += [
         "",
@@ -532,7 +498,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Measure every selected configuration in a fresh process; write the markdown report and the plot."""
     from benchmarks._workload import MODEL_CHOICES_HELP
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.split("\n\n")[0])
+    parser = _measure.script_parser("memory", __doc__, out="memory.md")
     parser.add_argument("--model", default="ViT-B-16", help=MODEL_CHOICES_HELP)
     parser.add_argument("--batch", type=int, default=8, help="images per step")
     parser.add_argument("--prompts", type=int, default=10, help="text prompts encoded per step (classes per task)")
@@ -543,15 +509,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                         help=f"comma-separated subset of: {', '.join(CONFIGS)}; 'limits' stands for every "
                              "-limit configuration (default: all; the rows of a peer that is not installed are "
                              "left out, with a note)")
-    parser.add_argument("--sweep-batches", type=lambda v: [int(b) for b in _measure.split_list(v)], default=[],
+    parser.add_argument("--sweep-batches", type=_measure.int_list, default=[],
                         help="also measure the FO baseline and Dual/Vision/Language w/ ZO at these batch sizes, "
                              "e.g. 2,4,16 (how the reductions depend on images per prompt)")
     parser.add_argument("--state-model", default="tiny", help="model of the optimizer-state table ('' to skip)")
-    parser.add_argument("--out", type=Path, default=_measure.RESULTS_DIR / "memory.md")
     parser.add_argument("--plot", type=Path, default=None, help="bar chart (default: --out with .png)")
-    parser.add_argument("--keep-from", type=Path, default=None,
-                        help="memory.json of an earlier run with the same settings: configurations not in "
-                             "--configs (and its batch sweep, unless --sweep-batches is given) are taken from it")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     unknown = set(args.configs) - CONFIGS.keys()
@@ -567,7 +529,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args.configs, notes = leave_out_missing(args.configs, PEER_OF)
     for note in notes:
         print(note, flush=True)
-    kept = _load_kept(args.keep_from, settings, args.configs) if args.keep_from else None
 
     import torch
 
@@ -582,11 +543,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         print(f"{name:>18}: above model {r['above_model_mib']:8.1f} MiB, incl. weights {r['total_mib']:8.1f} MiB",
               flush=True)
     sweep: Dict[int, Dict[str, Dict[str, Any]]] = {}
-    if kept is not None:
-        results = {name: results.get(name) or kept["results"][name] for name in CONFIGS
-                   if name in results or name in kept["results"]}
-        if not args.sweep_batches:
-            sweep = kept["batch_sweep"]
     for batch in args.sweep_batches:
         batch_args = [*child_args]
         batch_args[batch_args.index("--batch") + 1] = str(batch)
@@ -599,13 +555,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     load_after = _measure.load_average()
     title = f"{args.model}, batch {args.batch}, {args.prompts} prompts: peak memory of one step"
     write_plot(results, args.plot, title)
-    report = write_report(results, sweep, state_rows, args, info, load_after, argv, kept, notes)
+    report = write_report(results, sweep, state_rows, args, info, load_after, argv, notes)
     _measure.write_text(args.out, report)
     record = {"environment": info, "settings": settings, "results": results, "batch_sweep": sweep,
               "optimizer_state": state_rows}
-    if kept is not None:
-        record["kept_from"] = {"path": str(args.keep_from), "environment": kept["environment"],
-                               "configs": kept["kept_configs"], "batch_sweep": not args.sweep_batches}
     _measure.write_text(args.out.with_suffix(".json"), json.dumps(record, indent=1) + "\n")
     print(report)
     return {"results": results, "batch_sweep": sweep, "optimizer_state": state_rows}

@@ -12,9 +12,7 @@ drift ``||theta_end - theta_0|| / ||theta_0||`` over all parameters after the st
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -42,10 +40,8 @@ def relative_drift(dtype: torch.dtype, restore: str, distribution: str, steps: i
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = _measure.script_parser("restore_drift", __doc__, out="restore_drift.md")
     parser.add_argument("--steps", type=int, default=1000, help="lr=0 steps per measurement")
-    parser.add_argument("--out", type=Path, default=_measure.RESULTS_DIR / "restore_drift.md",
-                        help="markdown report; the JSON goes next to it")
     args = parser.parse_args(argv)
     info = _measure.environment()
     rows: List[Dict[str, Any]] = []

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from benchmarks import _measure
@@ -118,13 +117,12 @@ def measure(operation: str, placement: str, width: int, depth: int, batch: int) 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     """Measure every (placement, operation) in a fresh process and write the markdown table."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.restore_memory", description=__doc__.split("\n\n")[0])
+    parser = _measure.script_parser("restore_memory", __doc__, out="restore_memory.md")
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--depth", type=int, default=8)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--placements", type=_measure.split_list, default=list(PLACEMENTS),
                         help="comma-separated subset of: full, adapter")
-    parser.add_argument("--out", type=Path, default=_measure.RESULTS_DIR / "restore_memory.md")
     parser.add_argument("--child", nargs=2, metavar=("OPERATION", "PLACEMENT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:

@@ -14,6 +14,7 @@ from typing import Dict, List, Tuple
 
 import pytest
 
+pytest.importorskip("scipy", reason="the benchmarks extra (pip install -e '.[benchmarks]') installs scipy")
 from benchmarks import _sweep, _tuning, accuracy
 from benchmarks._stats import paired_interval
 from benchmarks._tuning import Score, choose, edges, knobs_tag, tuning_points
@@ -36,8 +37,25 @@ def test_fo_rows_search_the_lr_grid_and_pick_the_best_last_then_avg_then_grid_or
     assert choose("fo", scores_of(points[:4], [(10, 30)] * 4)) is None  # incomplete
     scores = scores_of(points, [(10.0, 30.0), (12.0, 31.0), (12.0, 33.0), (12.0, 33.0), (9.0, 40.0)])
     assert choose("fo", scores) == {"lr": GRID.fo_lr[2]}  # Last ties broken by Avg, then the earlier value
-    assert edges("fo", {"lr": GRID.fo_lr[2]}) == []
-    assert edges("fo", {"lr": GRID.fo_lr[-1]}) == ["lr"]
+    assert edges({"lr": GRID.fo_lr[2]}, points) == []
+
+
+def test_a_search_whose_best_is_on_an_edge_goes_one_step_further_up_to_its_limit():
+    points = tuning_points("fo", {})
+    scores = scores_of(points, [(1.0, 0.0), (2.0, 0.0), (3.0, 0.0), (4.0, 0.0), (5.0, 0.0)])  # best: the largest
+    extended = tuning_points("fo", scores)
+    assert extended == points + [{"lr": GRID.fo_lr[-1] * 2}] and choose("fo", scores) is None
+    scores.update(scores_of(extended[5:], [(4.5, 0.0)]))  # worse: the largest tried value is now interior
+    assert choose("fo", scores) == {"lr": GRID.fo_lr[-1]} and edges({"lr": GRID.fo_lr[-1]}, extended) == []
+    scores.update(scores_of(extended[5:], [(6.0, 0.0)]))  # better again: one more, then the limit
+    again = tuning_points("fo", scores)
+    assert again[6:] == [{"lr": GRID.fo_lr[-1] * 4}]
+    scores.update(scores_of(again[6:], [(7.0, 0.0)]))
+    assert tuning_points("fo", scores) == again and len(again) == len(points) + GRID.max_extensions
+    assert choose("fo", scores) == {"lr": GRID.fo_lr[-1] * 4}
+    assert edges(choose("fo", scores), again) == ["lr"]  # flagged: the limit stopped the search on the edge
+    low = scores_of(points, [(9.0, 0.0), (2.0, 0.0), (3.0, 0.0), (4.0, 0.0), (5.0, 0.0)])
+    assert tuning_points("fo", low)[5:] == [{"lr": GRID.fo_lr[0] / 2}]
 
 
 def test_zo_rows_wait_for_the_fo_lr_then_search_zo_lr_then_eps_at_the_best_zo_lr():
@@ -49,9 +67,13 @@ def test_zo_rows_wait_for_the_fo_lr_then_search_zo_lr_then_eps_at_the_best_zo_lr
     assert points[3:] == [{"lr": 0.02, "zo_lr": GRID.zo_lr[1], "eps_language": eps} for eps in GRID.eps]
     assert len(points) == GRID.budget[1] == GRID.budget[0]  # the same budget as an FO row
     assert choose("zo", scores, fo_lr=0.02) is None
-    scores.update(scores_of(points[3:], [(8.5, 20.0), (6.0, 30.0)]))
-    assert choose("zo", scores, fo_lr=0.02) == points[3]
-    assert edges("zo", points[3]) == ["eps_language"]
+    scores.update(scores_of(points[3:], [(7.5, 20.0), (6.0, 30.0)]))
+    assert choose("zo", scores, fo_lr=0.02) == points[1] and edges(points[1], points) == []
+    scores.update(scores_of(points[3:], [(8.5, 20.0)]))  # eps 1e-4 best: on the edge, so 1e-5 is tried
+    extended = tuning_points("zo", scores, fo_lr=0.02)
+    assert extended[5:] == [{"lr": 0.02, "zo_lr": GRID.zo_lr[1], "eps_language": GRID.eps[0] / 10}]
+    scores.update(scores_of(extended[5:], [(8.0, 20.0)]))
+    assert choose("zo", scores, fo_lr=0.02) == points[3] and edges(points[3], extended) == []
     with pytest.raises(ValueError):
         tuning_points("hybrid", {})
 
@@ -126,7 +148,7 @@ def test_sweep_orders_runs_by_dependency_and_resumes_without_rerunning(tmp_path)
     start = FakeStart()
     statuses = make_sweep(tmp_path).execute(start, jobs=2)
     started = [run.out.relative_to(tmp_path).as_posix() for run in start.started]
-    assert len(started) == len(statuses) == 5 + 5 + 2 * 3
+    assert len(started) == len(statuses) == 5 + 6 + 2 * 3  # eps 1e-4 lands on the edge: 1e-5 is tried too
     position = {name: index for index, name in enumerate(started)}
     fo_tuning = [p for n, p in position.items() if n.startswith("tuning/moe-fo/")]
     zo_first = [p for n, p in position.items() if n.startswith("tuning/moe-vision/") and "eps_language=0.001" in n]
@@ -263,3 +285,129 @@ def test_rows_set_seeds_names_the_issue_rows():
     assert accuracy.ROWS["lora-vision"].baseline == "lora-fo"
     assert [_sweep.row_kind(accuracy.ROWS[name].flags) for name in ("moe-fo", "zofc-fo", "zofc", "mozo-dual-hop-odd")] \
         == ["fo", "fo", "zo", "zo"]
+
+
+# ------------------------------------------------------------------------------------- committed records
+
+
+def make_stored_sweep(runs_dir: Path, store: Path, **kwargs) -> _sweep.Sweep:
+    sweep = make_sweep(runs_dir, **kwargs)
+    sweep.store = store
+    return sweep
+
+
+def test_every_finished_run_is_recorded_and_a_fresh_clone_resumes_from_the_records_alone(tmp_path):
+    runs, store = tmp_path / "runs", tmp_path / "results" / "accuracy_cpu_runs"
+    committed = []
+    sweep = make_stored_sweep(runs, store)
+    sweep.on_record = committed.append
+    sweep.execute(FakeStart(), jobs=2)
+    names = sorted(path.relative_to(store).as_posix() for path in store.rglob("*.json"))
+    assert names == sorted(f"{run.name}.json" for run in sweep.named_runs()) and len(names) == 5 + 6 + 2 * 3
+    assert sorted(committed) == sorted(store.rglob("*.json"))  # each handed on as it was written
+    assert "tuning/moe-vision/lr=0.02,zo_lr=0.01,eps_language=0.0001.json" in names
+    record = json.loads((store / "seeds" / "moe-vision" / "seed1.json").read_text())
+    result = json.loads((runs / "seeds" / "moe-vision" / "seed1" / "results.json").read_text())
+    assert {key: record[key] for key in result if key in record} == {key: result[key] for key in result
+                                                                    if key in _sweep.RECORD_KEYS}
+    assert "commit" in record and "--seed 1" in record["command"]
+
+    fresh = make_stored_sweep(tmp_path / "fresh-clone-runs", store)  # no runs folder: the records alone
+    again = FakeStart()
+    assert fresh.execute(again, jobs=2) == {} and again.started == []
+    assert fresh.choice("moe-vision") == sweep.choice("moe-vision")
+    assert fresh.seed_results()["moe-vision"][2]["last"] == sweep.seed_results()["moe-vision"][2]["last"]
+
+    (store / "seeds" / "moe-vision" / "seed2.json").unlink()  # an interrupted sweep: resumes with what is missing
+    resumed = FakeStart()
+    make_stored_sweep(tmp_path / "other-runs", store).execute(resumed, jobs=1)
+    assert [run.name for run in resumed.started] == ["seeds/moe-vision/seed2"]
+    assert (store / "seeds" / "moe-vision" / "seed2.json").is_file()
+
+
+def test_a_record_made_with_other_arguments_is_refused(tmp_path):
+    store = tmp_path / "store"
+    make_stored_sweep(tmp_path / "runs", store, seeds=(0,)).execute(FakeStart(), jobs=1)
+    with pytest.raises(_sweep.StaleRunError, match="--max-steps-per-task 5"):
+        make_stored_sweep(tmp_path / "fresh", store, seeds=(0,), extra=("--max-steps-per-task", "5")).load_finished()
+
+
+def test_compact_records_drop_per_step_losses_and_keep_their_mean_per_task():
+    result = {**fake_result({"seed": 0}, 10.0, 20.0), "losses": [1.0, 3.0, 2.0, 2.0, 5.0], "task_start_steps": [0, 2],
+              "classnames": [["a"]]}
+    record = _sweep.compact(result, "abc123")
+    assert "losses" not in record and "classnames" not in record
+    assert record["loss_per_task"] == [2.0, 3.0] and record["commit"] == "abc123" and record["last"] == 10.0
+
+
+def test_collect_imports_the_finished_runs_of_another_runs_folder_and_rebuilds_the_report(tmp_path):
+    other = tmp_path / "other-checkout-runs"
+    make_sweep(other).execute(FakeStart(), jobs=2)  # the old code: runs only, no records
+    out = tmp_path / "results" / "accuracy_cpu_seeds.md"
+    common = ["--preset", "cpu", "--only", "moe-vision", "--tune", "--seeds", "0,1,2", "--out", str(out)]
+    collected = accuracy.main([*common, "--collect", str(other)])
+    store = out.parent / "accuracy_cpu_runs"
+    assert len(list(store.rglob("*.json"))) == 5 + 6 + 2 * 3
+    report = out.read_text()
+    rebuilt = accuracy.main([*common, "--report-only", "--runs-dir", str(tmp_path / "no-runs")])  # records alone
+    assert rebuilt["rows"] == collected["rows"] and rebuilt["tuning"] == collected["tuning"]
+    assert out.read_text().split("## Results")[1] == report.split("## Results")[1]
+    assert "## Every run" in report and report.count("# tuning/") == 11 and report.count("# seeds/") == 6
+
+
+def test_extra_seeds_run_the_compared_rows_and_their_baseline_only(tmp_path):
+    rows = ["moe-fo", "moe-vision", "moe-language"]
+    sweep = _sweep.Sweep(rows, {"moe-fo": "fo", "moe-vision": "zo", "moe-language": "zo"},
+                         {row: "moe-fo" for row in rows}, tmp_path / "runs", seeds=(0, 1, 2),
+                         extra_seeds={"moe-vision": (3, 4)}, tune=False,
+                         row_arguments={row: accuracy.ROWS[row].arguments("cpu") for row in rows})
+    start = FakeStart()
+    sweep.execute(start, jobs=2)
+    seeds = {row: sorted(int(run.name[-1]) for run in start.started if run.row == row) for row in rows}
+    assert seeds == {"moe-fo": [0, 1, 2, 3, 4], "moe-vision": [0, 1, 2, 3, 4], "moe-language": [0, 1, 2]}
+
+
+def test_the_report_uses_five_paired_seeds_where_there_are_five(tmp_path):
+    runs = tmp_path / "runs"
+    make_sweep(runs, seeds=(0, 1, 2, 3, 4), tune=False).execute(FakeStart(), jobs=2)
+    out = tmp_path / "report.md"
+    record = accuracy.main(["--preset", "cpu", "--only", "moe-vision", "--seeds", "0,1,2", "--extra-seeds", "3,4",
+                            "--extra-rows", "moe-vision", "--report-only", "--runs-dir", str(runs), "--out", str(out)])
+    assert record["rows"]["moe-vision"]["delta"]["last"]["n"] == 5
+    assert "t = 2.776 for 5 seeds, 4 dof" in out.read_text()
+    assert (tmp_path / "report_tradeoff.png").stat().st_size > 0
+
+
+def test_the_tradeoff_figure_of_the_committed_untuned_report(tmp_path):
+    from benchmarks import _tradeoff
+
+    memory = json.loads((accuracy._measure.RESULTS_DIR / "memory.json").read_text())["results"]
+    peaks = _tradeoff.vit_peaks()
+    assert peaks["moe-vision"] == memory["vision"]["total_mib"] and peaks["moe-fo"] == memory["fo"]["total_mib"]
+    assert peaks["mozo-dual-hop-odd"] == memory["dual-hop-odd"]["total_mib"] and "zofc" not in peaks
+    out = _tradeoff.main([str(accuracy._measure.RESULTS_DIR / "accuracy_cpu_seeds_untuned.json"),
+                          "--out", str(tmp_path / "tradeoff.png")])
+    assert out == tmp_path / "tradeoff.png" and out.stat().st_size > 10_000
+    entry = {"seeds": [0, 1, 2], "last": {"mean": 20.0, "std": 1.0}}
+    assert _tradeoff._interval(entry) == pytest.approx(4.302652729911275 / math.sqrt(3))  # t(0.975, 2) s / sqrt(n)
+
+
+def test_commit_records_each_record_alone(tmp_path):
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+
+    git("init", "-q")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "start")
+    (tmp_path / "staged.txt").write_text("not the sweep's")
+    git("add", "staged.txt")
+    record = tmp_path / "store" / "seeds" / "moe-fo" / "seed0.json"
+    record.parent.mkdir(parents=True)
+    record.write_text("{}")
+    subprocess.run(["git", "config", "user.name", "t"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "config", "user.email", "t@t"], cwd=tmp_path, check=True)
+    accuracy.commit_record(record)
+    assert git("show", "--name-only", "--format=%s", "HEAD").split() == [
+        "accuracy", "sweep:", str(record), "store/seeds/moe-fo/seed0.json"]
+    assert git("diff", "--cached", "--name-only").split() == ["staged.txt"]  # left staged, not committed

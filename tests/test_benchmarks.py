@@ -214,8 +214,22 @@ def test_help_describes_preset_and_out_dir() -> None:
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     text = " ".join(done.stdout.split())  # argparse wraps help to the terminal width
-    assert "--preset {cpu,paper,smoke} cpu: what benchmarks/results/ holds" in text
-    assert "--out-dir OUT_DIR folder for the reports" in text
+    assert "--preset {smoke,cpu,paper} smoke: seconds-long runs" in text and "(default: smoke)" in text
+    assert "--out-dir OUT_DIR folder for the reports" in text and "(default: runs/benchmarks/<preset>;" in text
+
+
+def test_main_without_arguments_runs_the_smoke_preset_under_runs() -> None:
+    """``python -m benchmarks`` alone must not start the hours-long cpu preset nor write into benchmarks/results."""
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "--dry-run"], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    commands = [line for line in done.stdout.splitlines() if line.startswith("== python -m benchmarks.")]
+    smoke = script_arguments("smoke", REPO_ROOT / "runs" / "benchmarks" / "smoke")
+    assert commands == [f"== python -m benchmarks.{name} {' '.join(smoke[name])}" for name in SCRIPTS]
+    assert "benchmarks/results" not in done.stdout
+    cpu = subprocess.run([sys.executable, "-m", "benchmarks", "--preset", "cpu", "--dry-run"], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert f"--out {REPO_ROOT / 'runs' / 'benchmarks' / 'cpu' / 'memory.md'}" in cpu.stdout
 
 
 def test_accuracy_rows_place_zo_alike_under_the_smoke_and_cpu_presets() -> None:
@@ -262,37 +276,6 @@ def test_accuracy_report_only_tabulates_finished_rows(tmp_path: Path) -> None:
     assert lines["Vision w/ ZO"][1] == "not run"
     assert "prompts of seen classes frozen" in out.read_text() and "--report-only" in out.read_text()
     assert json.loads(out.with_suffix(".json").read_text())["rows"]["moe-dual"]["last"] == 12.5
-
-
-@pytest.mark.slow
-def test_memory_keep_from_adds_limits_to_an_earlier_run(
-    smoke_runs: Tuple[Path, Dict[str, Tuple[int, str]]], tmp_path: Path
-) -> None:
-    import json
-
-    out_dir, outcomes = smoke_runs
-    assert outcomes["memory"][0] == 0, outcomes["memory"][1][-3000:]
-    earlier = out_dir / "memory.json"
-    out = tmp_path / "memory.md"
-    common = [sys.executable, "-m", "benchmarks.memory", "--model", "micro", "--configs", "dual-limit,vision",
-              "--state-model", "", "--keep-from", str(earlier), "--out", str(out)]
-    done = subprocess.run([*common, "--batch", "2"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = out.read_text()
-    assert f"Kept from `{earlier.as_posix()}`" in report and "`dual`" in report
-    record = json.loads(out.with_suffix(".json").read_text())
-    before = json.loads(earlier.read_text())["results"]
-    assert record["kept_from"]["configs"] == [name for name in before if name not in ("dual-limit", "vision")]
-    assert record["results"]["dual"] == before["dual"]
-    # Each placement against its limit: Dual's (measured now) and Vision's (kept from the smoke run).
-    rows = table_rows(report.split("## Each placement against its limit")[1].split("\n## ")[0])
-    for placement in ("Dual w/ ZO", "Vision w/ ZO"):
-        cells = rows[placement]
-        assert float(cells[2]) > 0 and float(cells[4]) > 0, cells
-    assert rows["Vision w/ ZO"][7] == "-65.3%"  # the paper's, for reference
-
-    refused = subprocess.run([*common, "--batch", "4"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert refused.returncode != 0 and "measured with other settings" in refused.stderr
 
 
 def test_memory_limit_names_and_placements() -> None:
@@ -362,3 +345,27 @@ def test_torchzero_peer_is_mezo_zo_sgd() -> None:
         assert trained.grad is not None  # torchzero keeps its estimate in .grad ...
         peer.zero_grad()
         assert trained.grad is None and frozen.grad is None  # ... until zero_grad drops it
+
+
+def test_memory_and_fsdp_reports_are_rebuilt_from_their_committed_json_byte_for_byte() -> None:
+    """The committed reports come out of their JSON unchanged: the report code and the data agree."""
+    import argparse
+    import json
+    import re
+
+    from benchmarks import _measure, fsdp_memory, memory
+
+    results = _measure.RESULTS_DIR
+    record = json.loads((results / "memory.json").read_text())
+    committed = (results / "memory.md").read_text()
+    args = argparse.Namespace(**record["settings"], plot=Path("memory.png"), state_model="tiny",
+                              sweep_batches=[2, 4, 16])
+    load_after = re.search(r"at start, (.*) at end", committed).group(1)
+    sweep = {int(batch): rows for batch, rows in record["batch_sweep"].items()}
+    assert memory.write_report(record["results"], sweep, record["optimizer_state"], args, record["environment"],
+                               load_after, ["--batch", "8", "--sweep-batches", "2,4,16"]) == committed
+
+    record = json.loads((results / "fsdp_memory.json").read_text())
+    args = argparse.Namespace(**record["settings"])
+    assert fsdp_memory.report(args, record["runs"], record["environment"], record["command"],
+                              record["load_after"]) == (results / "fsdp_memory.md").read_text()

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .closure import ClosureRunner, CommonRandomNumbers, NonFiniteLoss
+from .closure import ClosureRunner, CommonRandomNumbers, ConstantLossWatch, NonFiniteLoss
 from .directions import DirectionGenerator
 from .distributed import RankAgreement
 from .interrupts import deferred_interrupts
@@ -164,6 +164,7 @@ class HybridZOOptimizer(Optimizer):
         self._directions = DirectionGenerator()
         self._ranks: Optional[RankAgreement] = None
         self._agreed_groups: List[Group] = []
+        self._constant_loss = ConstantLossWatch()
         self.last_step_info: Dict[str, Any] = {}
         super().__init__(params, defaults)
 
@@ -181,6 +182,7 @@ class HybridZOOptimizer(Optimizer):
         self.__dict__.setdefault("_directions", DirectionGenerator())
         self.__dict__.setdefault("_ranks", None)
         self.__dict__.setdefault("last_step_info", {})
+        self.__dict__.setdefault("_constant_loss", ConstantLossWatch())
         self._agreed_groups = []
 
     # ---------------------------------------------------------------- entry points
@@ -388,6 +390,8 @@ class HybridZOOptimizer(Optimizer):
             if zo is not None:
                 zo.end()
         self._advance_counters(skipped)
+        if zo is not None and not skipped:
+            self._constant_loss.observe(runner.losses)
         self.last_step_info = {
             "forwards": runner.forwards, "backwards": int(bool(fo_groups)), "chosen": chosen,
             "skipped": skipped, "loss": loss, "scalars_reduced": runner.ranks.scalars_reduced,
@@ -498,7 +502,13 @@ class HybridZOOptimizer(Optimizer):
         if not math.isfinite(value):
             raise NonFiniteLoss(value, "the loss at theta")
         if backward_calls == 0:
-            if not (isinstance(raw, Tensor) and raw.requires_grad):
+            if not isinstance(raw, Tensor):
+                raise TypeError(
+                    f"FO param groups need the loss's gradient, but the closure returned a "
+                    f"{type(raw).__name__} ({raw!r}), which has none: return the loss tensor "
+                    "(e.g. `return loss`, not `return loss.item()`)"
+                )
+            if not raw.requires_grad:
                 raise ValueError(
                     "FO param groups need the loss's gradient, but the closure's loss does not "
                     "require grad (is the forward pass under torch.no_grad(), or are all FO "

@@ -12,12 +12,19 @@ reduce-scatter (FSDP2), as with any optimizer.
 The second number is a failure flag. A rank whose closure raised still enters that
 forward's all-reduce (with the flag set) before it re-raises, and the other ranks then
 raise :class:`ClosureFailedOnAnotherRank`: every rank abandons the same step, and its
-collectives stay paired. This holds when the failing rank has made the same collectives
-as the others before it raised: a closure that raises before the model's forward, when
-the forward makes no collective of its own (replicated parameters; DDP without
-broadcast buffers), or after the forward (e.g. in the loss), under any wrapper. A closure
-that raises inside an FSDP2 forward (or before it) skips all-gathers the other ranks
-make; nothing can pair those, and the others fail on the process group's timeout.
+collectives stay paired. That needs the failing rank to have made the collectives the
+others make before they reach the all-reduce, so it holds for a closure that raises
+
+* after the model's forward (e.g. in the loss), under any wrapper, or
+* before the forward when the forward makes no collective of its own: plain replicated
+  parameters, or DDP (whose forward communicates only to broadcast buffers, with
+  ``broadcast_buffers=True``, and once, in its second iteration, to rebuild its buckets).
+
+A closure that raises before or inside an FSDP2 forward skips all-gathers the other
+ranks make, and one that calls ``backward()`` itself under DDP or FSDP2 and raises
+before it skips their gradient reductions: nothing can pair those, and every rank fails
+with the process group's timeout error (no rank steps), after which the process group
+is unusable.
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@
   running the step only: a backward in another thread runs as usual.
 * Losses: each call's loss becomes a Python float (fp64), averaged over data-parallel
   ranks; a NaN or inf abandons the step.
+* Failures: a call that raises (or returns something that is not a loss) on one rank
+  still takes part in that call's all-reduce, flagged, and then re-raises; the other
+  ranks raise :class:`~hybridzo.distributed.ClosureFailedOnAnotherRank` there, so every
+  rank abandons the same step (see :mod:`hybridzo.distributed` for what that needs).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import contextlib
 import math
 import numbers
 import threading
+import warnings
 from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple
 
 import torch
@@ -35,6 +40,7 @@ __all__ = [
     "loss_value",
     "NonFiniteLoss",
     "ClosureRunner",
+    "ConstantLossWatch",
 ]
 
 
@@ -184,6 +190,7 @@ class ClosureRunner:
 
     Attributes:
         forwards: closure calls so far.
+        losses: the rank-mean loss of each call so far.
         dtype, device: of the first loss the closure returned (float32 on CPU for Python numbers),
             which is what ``step`` returns its loss as.
     """
@@ -193,6 +200,7 @@ class ClosureRunner:
         self.rng = rng
         self.ranks = ranks
         self.forwards = 0
+        self.losses: List[float] = []
         self.dtype: torch.dtype = torch.float32
         self.device = torch.device("cpu")
 
@@ -208,21 +216,37 @@ class ClosureRunner:
         self.forwards += 1
         return raw
 
-    def with_grad(self) -> Tuple[Any, float, int]:
-        """One call with autograd on; returns ``(raw loss, rank-mean value, backward calls inside)``."""
-        with torch.enable_grad(), observe_backward() as backward_calls:
+    def _agreed_call(self, phase: str) -> Tuple[Any, float]:
+        """One call and its rank-mean loss; a failure here is reported to the other ranks, then raised."""
+        try:
             raw = self._call()
-        return raw, self.ranks.mean(loss_value(raw)), backward_calls.count
+            value = loss_value(raw)
+        except BaseException:
+            self.ranks.report_failure()
+            raise
+        value = self.ranks.mean(value, phase)
+        self.losses.append(value)
+        return raw, value
+
+    def with_grad(self) -> Tuple[Any, float, int]:
+        """One call with autograd on; returns ``(raw loss, rank-mean value, backward calls inside)``.
+
+        Raises:
+            ClosureFailedOnAnotherRank: the closure raised on another rank in this call.
+        """
+        with torch.enable_grad(), observe_backward() as backward_calls:
+            raw, value = self._agreed_call("the first-order pass")
+        return raw, value, backward_calls.count
 
     def probe(self, phase: str) -> float:
         """One forward-only call (backward inside it does nothing); its rank-mean loss.
 
         Raises:
             NonFiniteLoss: the loss is NaN or inf (on any rank).
+            ClosureFailedOnAnotherRank: the closure raised on another rank in this call.
         """
         with torch.no_grad(), skip_backward():
-            raw = self._call()
-        value = self.ranks.mean(loss_value(raw))
+            _, value = self._agreed_call(phase)
         if not math.isfinite(value):
             raise NonFiniteLoss(value, phase)
         return value
@@ -230,3 +254,36 @@ class ClosureRunner:
     def as_tensor(self, value: float) -> Tensor:
         """``value`` as what ``step`` returns: a 0-dim tensor with the first loss's dtype and device."""
         return torch.tensor(value, dtype=self.dtype, device=self.device)
+
+
+class ConstantLossWatch:
+    """Warns once when the closure's loss does not change under any probe for several consecutive steps.
+
+    A closure that returns a loss computed outside it (so the ZO parameters never reach the
+    forward) makes every projected difference exactly 0, and ZO groups then train nothing,
+    silently. One flat step is no sign of that (a loss can be flat, or round to one value, for
+    a step), so the warning waits for :attr:`STEPS` consecutive ZO steps in which every forward
+    returned the same loss. A diagnostic, not optimizer state: it is not saved or loaded.
+    """
+
+    #: Consecutive steps with one loss value at every probe before the warning.
+    STEPS = 3
+
+    def __init__(self) -> None:
+        self.constant_steps = 0
+        self.warned = False
+
+    def observe(self, losses: List[float]) -> None:
+        """Count a completed ZO step with the rank-mean losses of its forwards."""
+        constant = len(losses) > 1 and all(value == losses[0] for value in losses)
+        self.constant_steps = self.constant_steps + 1 if constant else 0
+        if self.constant_steps >= self.STEPS and not self.warned:
+            self.warned = True
+            warnings.warn(
+                f"HybridZOOptimizer: the closure's loss was {losses[0]!r} at every probe of the last "
+                f"{self.constant_steps} steps, so ZO param groups received no update. Most likely the "
+                "closure's loss does not depend on the ZO parameters: compute the forward inside the closure "
+                "(not a loss computed before step() and returned by it), and check that the ZO parameters "
+                "are the ones the model uses and that eps is large enough to change the loss at its precision",
+                UserWarning, stacklevel=5,  # past torch.no_grad and torch.optim's step wrappers
+            )

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .closure import ClosureRunner, CommonRandomNumbers, NonFiniteLoss
+from .closure import ClosureRunner, CommonRandomNumbers, ConstantLossWatch, NonFiniteLoss
 from .directions import DirectionGenerator
 from .distributed import RankAgreement
 from .interrupts import deferred_interrupts
@@ -164,6 +164,7 @@ class HybridZOOptimizer(Optimizer):
         self._directions = DirectionGenerator()
         self._ranks: Optional[RankAgreement] = None
         self._agreed_groups: List[Group] = []
+        self._constant_loss = ConstantLossWatch()
         self.last_step_info: Dict[str, Any] = {}
         super().__init__(params, defaults)
 
@@ -181,6 +182,7 @@ class HybridZOOptimizer(Optimizer):
         self.__dict__.setdefault("_directions", DirectionGenerator())
         self.__dict__.setdefault("_ranks", None)
         self.__dict__.setdefault("last_step_info", {})
+        self.__dict__.setdefault("_constant_loss", ConstantLossWatch())
         self._agreed_groups = []
 
     # ---------------------------------------------------------------- entry points
@@ -214,19 +216,30 @@ class HybridZOOptimizer(Optimizer):
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load a state dict after validating its groups like :meth:`add_param_group` does.
 
+        State tensors are placed as ``torch.optim`` places them (the parameter's device, and its
+        dtype if floating point), and the rule's buffers (``momentum_buffer``, ``exp_avg``,
+        ``exp_avg_sq``) take the parameter's memory layout as well: the update kernels walk
+        parameter and buffers in memory order, so a buffer saved with other strides (e.g. built
+        with ``.t()``) is copied into the parameter's layout, keeping its values by index.
+
         Raises:
             ValueError, TypeError: a loaded group with an invalid value, counter or state
-                entry (the message names the group and key); nothing is loaded then.
+                entry (the message names the group and key), an incomplete state entry (one
+                of the rule's keys missing while others are there), or a state tensor that
+                cannot be placed with its parameter (e.g. on the ``meta`` device); nothing is
+                loaded then.
         """
         saved = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
         if isinstance(saved, list) and len(saved) == len(self.param_groups) and all(
             isinstance(s, dict) and len(s.get("params", ())) == len(g["params"])
             for s, g in zip(saved, self.param_groups)
         ):
-            state_dict = {**state_dict, "param_groups": self._validated_groups(saved, state_dict)}
+            groups, state = self._validated_groups(saved, state_dict)
+            state_dict = {**state_dict, "param_groups": groups, "state": state}
         super().load_state_dict(state_dict)  # torch reports mismatched group sizes itself
 
-    def _validated_groups(self, saved: List[Group], state_dict: Dict[str, Any]) -> List[Group]:
+    def _validated_groups(self, saved: List[Group], state_dict: Dict[str, Any]) -> Tuple[List[Group], Dict[Any, Any]]:
+        """The loaded groups, validated and normalised, and the state with its tensors placed."""
         groups: List[Group] = []
         param_of: Dict[Any, Tuple[Tensor, Group, str]] = {}
         for i, (loaded, current) in enumerate(zip(saved, self.param_groups)):
@@ -245,13 +258,15 @@ class HybridZOOptimizer(Optimizer):
             groups.append(group)
             for position, (key, param) in enumerate(zip(loaded["params"], current["params"])):
                 param_of[key] = (param, group, f"{where}, parameter {position}")
-        for key, entry in state_dict.get("state", {}).items():
+        state = dict(state_dict.get("state", {}))
+        for key, entry in state.items():
             if key in param_of and isinstance(entry, dict):
                 param, group, where = param_of[key]
                 problem = check_state(entry, param, group)
                 if problem is not None:
                     raise ValueError(f"Invalid state in {where}: {problem}")
-        return groups
+                state[key] = _placed_state(entry, param, group, where)
+        return groups, state
 
     def _named_groups(self) -> List[Tuple[str, Group]]:
         return [(f"param group {i}", g) for i, g in enumerate(self.param_groups)]
@@ -375,6 +390,8 @@ class HybridZOOptimizer(Optimizer):
             if zo is not None:
                 zo.end()
         self._advance_counters(skipped)
+        if zo is not None and not skipped:
+            self._constant_loss.observe(runner.losses)
         self.last_step_info = {
             "forwards": runner.forwards, "backwards": int(bool(fo_groups)), "chosen": chosen,
             "skipped": skipped, "loss": loss, "scalars_reduced": runner.ranks.scalars_reduced,
@@ -485,7 +502,13 @@ class HybridZOOptimizer(Optimizer):
         if not math.isfinite(value):
             raise NonFiniteLoss(value, "the loss at theta")
         if backward_calls == 0:
-            if not (isinstance(raw, Tensor) and raw.requires_grad):
+            if not isinstance(raw, Tensor):
+                raise TypeError(
+                    f"FO param groups need the loss's gradient, but the closure returned a "
+                    f"{type(raw).__name__} ({raw!r}), which has none: return the loss tensor "
+                    "(e.g. `return loss`, not `return loss.item()`)"
+                )
+            if not raw.requires_grad:
                 raise ValueError(
                     "FO param groups need the loss's gradient, but the closure's loss does not "
                     "require grad (is the forward pass under torch.no_grad(), or are all FO "
@@ -554,6 +577,32 @@ class HybridZOOptimizer(Optimizer):
             group["steps"] += 1
             if skipped:
                 group["nonfinite_steps"] += 1
+
+
+def _placed_state(entry: Dict[str, Any], param: Tensor, group: Group, where: str) -> Dict[str, Any]:
+    """A loaded state entry with its tensors placed as torch.optim places them, buffers in ``param``'s layout.
+
+    Raises:
+        ValueError: a tensor that cannot be moved to the parameter's device or dtype (e.g. ``meta``).
+    """
+    buffers = RULES[group["rule"]].buffer_names(group)
+    placed = dict(entry)
+    for key, value in entry.items():
+        if not isinstance(value, Tensor) or key == "step":
+            continue  # torch.optim keeps a tensor step where it is (on the CPU)
+        try:
+            value = value.to(dtype=param.dtype, device=param.device) if param.is_floating_point() \
+                else value.to(device=param.device)
+            if key in buffers and local_data(value).stride() != local_data(param).stride():
+                with torch.no_grad():
+                    value = torch.empty_like(param, dtype=value.dtype).copy_(value)
+        except Exception as error:
+            raise ValueError(
+                f"Invalid state in {where}: state {key!r} ({value.dtype} on {value.device}) cannot be placed "
+                f"with the parameter ({param.dtype} on {param.device}): {type(error).__name__}: {error}"
+            ) from None
+        placed[key] = value
+    return placed
 
 
 def _sharded_world_size(param_groups: List[Group]) -> int:

@@ -1,8 +1,10 @@
 """Param-group keys of :class:`~hybridzo.HybridZOOptimizer` and their validation.
 
 Every hyperparameter is a per-group key with an optimizer-wide default, as in
-``torch.optim``. Values are validated, and numbers normalised to Python ``int`` /
-``float`` (numpy scalars, ``Fraction`` ...), wherever they enter: the constructor,
+``torch.optim``. Values are validated, numbers normalised to Python ``int`` /
+``float`` (numpy scalars, ``Fraction`` ...) and strings to Python ``str`` (numpy
+strings), so that a state dict holds only what ``torch.load(weights_only=True)``
+accepts, wherever they enter: the constructor,
 ``add_param_group``, ``load_state_dict``, and at the start of every step (a scheduler
 may have written them). Errors name the group and the key.
 """
@@ -101,17 +103,18 @@ def _integer(value: Any, key: str, where: str, low: int, high: int, expected: st
 
 
 def _choice(options: Mapping[str, Any], key: str, where: str, choices: Iterable[Any]) -> Any:
+    """One of ``choices``; a string (``str`` or a subclass such as ``numpy.str_``) as a plain ``str``."""
     value = options[key]
     choices = tuple(choices)
     if not any(value is c or (isinstance(value, str) and value == c) for c in choices):
         raise _fail(key, value, where, "expected " + ", ".join(map(repr, choices)))
-    return value
+    return str(value) if isinstance(value, str) else value
 
 
 def normalize_options(options: Mapping[str, Any], where: str) -> Dict[str, Any]:
     """Validate every hyperparameter of ``options`` and return them normalised.
 
-    Numbers become Python ``float``/``int``, ``betas`` a tuple of two floats.
+    Numbers become Python ``float``/``int``, ``betas`` a tuple of two floats, strings ``str``.
 
     Raises:
         ValueError: naming ``where`` and the key of the first invalid value.

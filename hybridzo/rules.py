@@ -35,7 +35,7 @@ from torch import Tensor
 from .sharding import flat_view, local_data
 
 __all__ = ["Rule", "SGD", "AdamW", "RULES", "Update", "begin_update", "initial_state", "finish", "theta_slope",
-           "check_state"]
+           "state_keys", "check_state"]
 
 
 def theta_slope(group: Mapping[str, Any]) -> float:
@@ -211,13 +211,26 @@ def finish(state: MutableMapping[str, Any], update: Update) -> None:
         state["step"] = update.step
 
 
+def state_keys(group: Mapping[str, Any]) -> Tuple[str, ...]:
+    """The state keys a parameter's entry holds under its group's rule once it has taken a step."""
+    names = RULES[group["rule"]].buffer_names(group)
+    return (*names, "step") if group["rule"] == "adamw" else names
+
+
 def check_state(state: Mapping[str, Any], param: Tensor, group: Mapping[str, Any]) -> Optional[str]:
     """Why ``state`` cannot serve ``param`` under its group's rule, or None if it can.
 
-    Checks the buffers the rule reads (shape, and floating point like the parameter) and
-    AdamW's ``step`` (a non-negative integer, or a one-element tensor holding one, as
-    ``torch.optim.AdamW`` saves it).
+    Checks that an entry holding anything holds every key the rule reads (an empty entry is a
+    fresh start, as in ``torch.optim``; ``torch.optim.AdamW`` refuses an incomplete one too), the
+    buffers the rule reads (shape, and floating point like the parameter) and AdamW's ``step`` (a
+    non-negative integer, or a one-element tensor holding one, as ``torch.optim.AdamW`` saves it).
     """
+    required = state_keys(group)
+    held = [key for key, value in state.items() if value is not None]
+    missing = [key for key in required if state.get(key) is None]
+    if held and missing:
+        return (f"state {missing[0]!r} is missing (the entry holds {sorted(map(str, held))}; a "
+                f"{group['rule']} entry needs {list(required)}, or no entry at all for a fresh start)")
     for name in RULES[group["rule"]].buffer_names(group):
         buffer = state.get(name)
         if buffer is None:

@@ -401,3 +401,31 @@ def test_ci_runs_the_readme_test_command():
     ci = (REPO / ".ci" / "run").read_text()
     assert 'readme_commands=$(python3 tests/readme_blocks.py Tests bash)' in ci  # the block above, verbatim
     assert 'bash -euo pipefail -c "$readme_commands"' in ci
+
+
+def test_readme_is_a_landing_page():
+    """At most 160 lines; the sections CI and readers rely on; the quick start's first command is the example."""
+    text = README.read_text()
+    assert len(text.splitlines()) <= 160
+    headings = re.findall(r"^## (.+)$", text, re.MULTILINE)
+    for heading in ("Install", "Quick start", "Main group keys", "Which setting for which job", "Examples",
+                    "Documentation", "Tests", "Layout"):
+        assert heading in headings, heading
+    first = next(block for block in README_BLOCKS if block.section == "Quick start")
+    assert first.language == "bash" and first.code.strip() == "python examples/quickstart.py"
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in text
+    assert "mkdocs serve" in text and "mkdocs build --strict" in text
+    # Every measured row of the settings table cites its results file, and the file exists.
+    table = text.split("## Which setting for which job", 1)[1].split("\n## ", 1)[0]
+    cited = re.findall(r"`(\w+\.md)`", table)
+    assert len(cited) >= 5 and all((REPO / "benchmarks" / "results" / name).is_file() for name in cited)
+
+
+def test_readme_layout_and_docs_paths_exist():
+    text = README.read_text()
+    layout = text.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    for path in re.findall(r"`([\w/]+(?:\.\w+)?/?)`", layout):
+        if "/" in path or "." in path:
+            assert (REPO / path).exists() or (REPO / "hybridzo" / path).exists(), path
+    for page in re.findall(r"\b(docs/[\w-]+\.md)\b", text):
+        assert (REPO / page).is_file(), page

@@ -50,8 +50,8 @@ def draw(path: Path = OUT) -> Path:
     axes.text(6.0, 0.95, "1. FO pass: one forward + backward\n    into FO parameters only", fontsize=9,
               color=FO_COLOR)
     # ZO: forward-only probes at theta +- eps z.
-    axes.text(1.9, 3.05, "2. ZO probes: forwards at θ ± εz, no backward\n    z regenerated from a seed, never stored",
-              fontsize=9, color=ZO_COLOR)
+    axes.text(1.9, 3.05, "2. ZO probes: forwards at θ ± εz, no backward\n    z regenerated from a seed, "
+              "never stored", fontsize=9, color=ZO_COLOR)
     arrow(axes, (3.0, 2.95), (3.0, 2.7), ZO_COLOR)
     axes.text(1.9, 0.95, "ĝ = (f(θ+εz) − f(θ−εz)) / 2ε · z", fontsize=10, color=ZO_COLOR)
     arrow(axes, (7.8, 1.65), (3.6, 1.3), ZO_COLOR, dashed=True)

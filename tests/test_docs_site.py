@@ -10,7 +10,6 @@ from __future__ import annotations
 import ast
 import functools
 import http.server
-import importlib
 import importlib.util
 import os
 import re
@@ -211,3 +210,14 @@ def test_landing_and_api_pages_render_in_chromium(served: str, tmp_path: Path):
         shot = screenshots / f"{page}.png"
         browse(url, tmp_path, f"--screenshot={shot}", "--window-size=1280,1600", "--hide-scrollbars")
         assert shot.stat().st_size > 10_000, page  # a rendered page, not a blank one
+
+
+def test_the_home_page_figure_is_drawn_by_its_script(tmp_path: Path):
+    pytest.importorskip("matplotlib", reason="needs the examples extra")
+    spec = importlib.util.spec_from_file_location("diagram", DOCS / "diagram.py")
+    diagram = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diagram)
+    drawn = diagram.draw(tmp_path / "figure.png")
+    assert drawn.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and drawn.stat().st_size > 20_000
+    assert (DOCS / "assets" / "hybrid_step.png").is_file()
+    assert "assets/hybrid_step.png" in (DOCS / "index.md").read_text()

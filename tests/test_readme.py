@@ -285,7 +285,7 @@ def clean_frameworks():
     yield
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
-    if "accelerate" in sys.modules:
+    if sys.modules.get("accelerate") is not None:
         from accelerate.state import AcceleratorState, GradientState
 
         AcceleratorState._reset_state(reset_partial_state=True)

@@ -5,7 +5,8 @@ Vision-Language Models" (MoE-Adapters4CL with ZO on one CLIP branch, on interlea
 ZO-FC (ZO on a small parallel adapter, FO on a linear classifier), at paper scale on a GPU or at CPU scale
 with a tiny CLIP pretrained offline.
 
-Examples (from the repository root, after ``pip install -e ".[examples]"``)::
+Examples (after ``pip install -e ".[examples]"``; ``python examples/clip_cl.py`` works the same, from any
+directory, and relative paths in flags are relative to the current directory)::
 
     # FO baseline and MoZO on odd layers of both towers, tiny CLIP on 2 CPU cores (< 30 min each)
     python -m examples.clip_cl --preset cpu --zo-branch none --out runs/cpu-fo
@@ -33,6 +34,10 @@ import shlex
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+if __package__ in (None, ""):  # `python examples/clip_cl.py`: import as the package examples/ of this checkout
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+    __package__ = "examples"
 
 from .branches import ZO_BRANCHES
 
@@ -109,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("data and tasks")
     data.add_argument("--data-root", default="../shared/data",
                       help="folder holding cifar-100-python/, tiny-imagenet-200/{train,val}/<class>/ or "
-                           "imagenet-r/{train,test}/<class>/")
+                           "imagenet-r/{train,test}/<class>/, relative to the current directory")
     data.add_argument("--dataset", default="cifar100", choices=["cifar100", "tinyimagenet", "imagenet-r"],
                       help="benchmark")
     data.add_argument("--download", action="store_true", help="download CIFAR-100 if missing (needs internet)")
@@ -208,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     output = parser.add_argument_group("output")
     output.add_argument("--out", default=None,
-                        help="output folder (default: runs/<preset>-<dataset>-<placement>-seed<seed>)")
+                        help="output folder, relative to the current directory (default: "
+                             "runs/<preset>-<dataset>-<placement>-seed<seed>)")
     output.add_argument("--no-progress", action="store_true", help="hide the per-task progress bars")
     return parser
 
@@ -471,7 +477,9 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     title = (f"{args.model} {args.dataset} {args.adapter}: ZO {args.zo_branch}/{args.zo_layers}"
              f"{' MoZO' if args.mozo else ''}, Last {results['last']:.1f}, Avg {results['avg']:.1f}")
-    plot_accuracy_and_loss(record.seen_acc, record.losses, record.task_start_steps, out / "accuracy_loss.png", title)
+    seen_classes = [sum(len(task) for task in tasks[:t + 1]) for t in range(len(tasks))]
+    plot_accuracy_and_loss(record.seen_acc, record.losses, record.task_start_steps, out / "accuracy_loss.png", title,
+                           seen_classes=seen_classes)
 
     if evaluation["split"] == "validation":
         print(f"accuracy on held-out training images ({args.validation_fraction:g} of each class, validation split), "

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -32,6 +33,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
+
+if __package__ in (None, ""):  # `python examples/fsdp_zo.py` or torchrun: import hybridzo from this checkout
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from hybridzo import HybridZOOptimizer, prepare_fsdp
 
@@ -161,36 +165,46 @@ def load_checkpoint(model: nn.Module, opt: HybridZOOptimizer, path: Path) -> Dic
 # ------------------------------------------------------------------------------------------- main
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: every flag with its help and default."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--steps", type=int, default=300,
                         help="ZO fine-tuning until the optimizer has taken this many steps")
     parser.add_argument("--pretrain-steps", type=int, default=150,
                         help="AdamW (backprop) steps on statements first; skipped with --resume")
-    parser.add_argument("--pretrain-lr", type=float, default=3e-3)
+    parser.add_argument("--pretrain-lr", type=float, default=3e-3, help="AdamW learning rate of the pretraining")
     parser.add_argument("--batch", type=int, default=16, help="global batch (sequences), split over processes")
-    parser.add_argument("--context", type=int, default=64)
-    parser.add_argument("--width", type=int, default=128)
-    parser.add_argument("--depth", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--eps", type=float, default=1e-3)
+    parser.add_argument("--context", type=int, default=64, help="characters per training sequence")
+    parser.add_argument("--width", type=int, default=128, help="model width (embedding size)")
+    parser.add_argument("--depth", type=int, default=4, help="transformer blocks (each one FSDP2 unit)")
+    parser.add_argument("--heads", type=int, default=4, help="attention heads per block")
+    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of the ZO fine-tuning")
+    parser.add_argument("--eps", type=float, default=1e-3, help="ZO perturbation scale")
     parser.add_argument("--restore", choices=["exact", "inplace"], default="exact",
                         help="exact: from a copy of the local shard; inplace: no copy (MeZO)")
-    parser.add_argument("--distribution", choices=["gaussian", "rademacher"], default="gaussian")
-    parser.add_argument("--conservative", action="store_true", help="ZO-SGD-Cons: keep the best of theta, theta+-delta")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--text-chars", type=int, default=200_000)
-    parser.add_argument("--save", type=Path,
-                        help="DCP checkpoint folder, written every --save-every steps and at the end")
-    parser.add_argument("--save-every", type=int, default=100)
-    parser.add_argument("--resume", type=Path,
+    parser.add_argument("--distribution", choices=["gaussian", "rademacher"], default="gaussian",
+                        help="ZO directions: Gaussian N(0, I) (MeZO) or Rademacher +-1 entries (cheaper to draw)")
+    parser.add_argument("--conservative", action="store_true",
+                        help="ZO-SGD-Cons: keep the best of theta, theta+-delta")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the text, the initial weights and ZO directions")
+    parser.add_argument("--text-chars", type=int, default=200_000, help="characters of generated training text")
+    parser.add_argument("--save", type=Path, default=None,
+                        help="DCP checkpoint folder, relative to the current directory, written every --save-every "
+                             "steps and at the end (default: no checkpoint)")
+    parser.add_argument("--save-every", type=int, default=100, help="ZO steps between checkpoints with --save")
+    parser.add_argument("--resume", type=Path, default=None,
                         help="DCP checkpoint folder to continue from (saved on any number of processes); the "
                              "optimizer's settings (lr, eps, restore, distribution, ...) come from the checkpoint")
     parser.add_argument("--sample", type=int, default=60, help="characters to generate greedily at the end (0: none)")
-    parser.add_argument("--out", type=Path, default=Path("runs/fsdp_zo"))
-    parser.add_argument("--no-progress", action="store_true")
-    return parser.parse_args(argv)
+    parser.add_argument("--out", type=Path, default=Path("runs/fsdp_zo"),
+                        help="folder for loss.png and losses.json, relative to the current directory")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def train(opt: HybridZOOptimizer, model: nn.Module, data: CharData, steps: range, batch: int, world: int,

@@ -19,16 +19,23 @@ numerics of the machine it runs on. This module pins what can be pinned in-proce
   so two results can be compared only when their fingerprints agree (``ATEN_CPU_CAPABILITY``, ``MKL_CBWR`` and
   ``ONEDNN_MAX_CPU_ISA`` set before the process starts force a common path across machines).
 
-The measured size of each effect is in benchmarks/README.md ("Reproducibility").
+The measured size of each effect is in benchmarks/README.md ("Reproducibility"). Run as a script, it prints this
+machine's fingerprint, or compares it with the one a run recorded::
+
+    python examples/reproducibility.py --threads 1                            # or: python -m examples.reproducibility
+    python examples/reproducibility.py --threads 1 --compare runs/cpu-fo/results.json
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
 import random
 from contextlib import contextmanager
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -125,3 +132,33 @@ def numerics_fingerprint() -> dict[str, Any]:
         "mkldnn": torch.backends.mkldnn.is_available(),
         "env": {name: os.environ[name] for name in NUMERICS_ENV_VARS if name in os.environ},
     }
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Print :func:`numerics_fingerprint` under ``--threads``; with ``--compare``, the keys that differ from a run's."""
+    parser = argparse.ArgumentParser(prog="python examples/reproducibility.py",
+                                     description="Print this machine's numerics fingerprint (what decides a run's "
+                                                 "rounding besides its flags, checkpoint and versions).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads to fingerprint with (the run's --threads; default: torch's choice)")
+    parser.add_argument("--compare", type=Path, default=None,
+                        help="a run's results.json, relative to the current directory: print where its recorded "
+                             "numerics differ from this machine's")
+    args = parser.parse_args(argv)
+    with pinned_numerics(args.threads, "cpu"):
+        fingerprint = numerics_fingerprint()
+    print(json.dumps(fingerprint, indent=1))
+    if args.compare is not None:
+        recorded = json.loads(args.compare.read_text())["numerics"]
+        differences = {key: (recorded.get(key), fingerprint.get(key)) for key in sorted({*recorded, *fingerprint})
+                       if recorded.get(key) != fingerprint.get(key)}
+        for key, (then, now) in differences.items():
+            print(f"differs: {key}: recorded {then!r}, here {now!r}")
+        print("same numerics: the run's losses can be compared bit for bit" if not differences else
+              "different numerics: expect the run's losses to part after a few steps")
+    return fingerprint
+
+
+if __name__ == "__main__":
+    main()

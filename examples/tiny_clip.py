@@ -36,7 +36,14 @@ from open_clip.tokenizer import SimpleTokenizer
 from torchvision import transforms
 from tqdm import tqdm
 
+if __package__ in (None, ""):  # `python examples/tiny_clip.py`: import as the package examples/ of this checkout
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+    __package__ = "examples"
+
 from .data import class_order, load_cifar100
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "tiny_clip.pt"
+"""Where ``pretrain`` writes by default, and what ``clip_cl.py --model tiny`` loads."""
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
@@ -374,9 +381,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m examples.tiny_clip", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("pretrain", help="pretrain on CIFAR-100's first 50 classes of class_order(100)")
-    p.add_argument("--data-root", default="data", help="folder containing cifar-100-python/ (default: data)")
+    p.add_argument("--data-root", default="data",
+                   help="folder containing cifar-100-python/, relative to the current directory (default: data)")
     p.add_argument("--download", action="store_true", help="download CIFAR-100 if missing (needs internet)")
-    p.add_argument("--out", default="examples/checkpoints/tiny_clip.pt", help="checkpoint path")
+    p.add_argument("--out", default=None,
+                   help="checkpoint path, relative to the current directory (default: the checkpoint "
+                        "examples/checkpoints/tiny_clip.pt of this checkout, from any directory)")
     p.add_argument("--minutes", type=float, default=16.0,
                    help="wall-clock budget of the training loop; the learning-rate schedule follows whichever "
                         "of steps and time runs out first, then the model is evaluated and saved (default: 16)")
@@ -392,6 +402,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(func=pretrain)
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = str(DEFAULT_CHECKPOINT)
     args.func(args)
 
 

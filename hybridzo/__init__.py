@@ -13,3 +13,4 @@ from .sharding import prepare_fsdp
 
 __all__ = ["HybridZOOptimizer", "ParamsT", "GroupRule", "build_param_groups", "describe_groups", "prepare_fsdp"]
 __version__ = "0.1.0"
+"""The package version; pyproject.toml reads it from here (``[tool.setuptools.dynamic]``)."""

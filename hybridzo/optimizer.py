@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import warnings
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
@@ -15,6 +14,7 @@ from torch.optim import Optimizer
 from .closure import ClosureRunner, CommonRandomNumbers, NonFiniteLoss
 from .directions import DirectionGenerator
 from .distributed import RankAgreement
+from .first_order import FirstOrderStep, check_implementation, initial_fo_state
 from .interrupts import deferred_interrupts
 from .journal import Journal
 from .options import (
@@ -29,8 +29,8 @@ from .options import (
     normalize_counters,
     normalize_options,
 )
-from .rules import RULES, begin_update, check_state, finish, initial_state
-from .sharding import flat_view, is_prepared, is_sharded, local_data, local_slice
+from .rules import RULES, check_state, initial_state
+from .sharding import is_prepared, is_sharded, local_slice
 from .zo_step import ZOStep
 
 try:
@@ -125,10 +125,23 @@ class HybridZOOptimizer(Optimizer):
         seed: base seed of the perturbation stream (default None: drawn from the OS).
             Per-step seeds derive from it, the group index and the group's step
             count, so a run, and a run resumed from ``state_dict``, is reproducible.
+        foreach: FO groups: step with torch's ``torch._foreach_*`` implementation
+            (True), its per-tensor loop (False), or torch's default for the device
+            (None: foreach on CUDA, the loop on CPU) (default None). As ``torch.optim``'s
+            ``foreach``; the result is bit for bit ``torch.optim.SGD``/``AdamW``'s with
+            the same choice. ZO groups ignore it.
+        fused: FO groups: step with torch's fused kernels (``torch._fused_sgd_``,
+            ``torch._fused_adamw_``; real floating-point parameters on CPU, CUDA and the
+            other devices torch has them for), usually the fastest (default None: not
+            fused). Cannot be True together with ``foreach``. ZO groups ignore it.
 
     ``estimator``, ``queries``, ``candidates`` and ``conservative`` describe the whole
     step (all ZO groups are probed together), so all ZO groups must agree on them.
     """
+
+    #: ``torch.amp.GradScaler`` checks the gradients for infs and hands the step the scale and the
+    #: result (``grad_scale``, ``found_inf`` attributes) instead of unscaling and skipping itself.
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -151,6 +164,8 @@ class HybridZOOptimizer(Optimizer):
         restore: str = "exact",
         distribution: str = "gaussian",
         seed: Optional[int] = None,
+        foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
     ) -> None:
         if closure is not None and not callable(closure):
             raise TypeError(f"Invalid closure: {closure!r} (expected a callable or None)")
@@ -159,6 +174,7 @@ class HybridZOOptimizer(Optimizer):
             candidates=candidates, conservative=conservative, rule=rule, momentum=momentum,
             betas=betas, adam_eps=adam_eps, weight_decay=weight_decay, restore=restore,
             distribution=distribution, seed=fresh_seed() if seed is None else seed,
+            foreach=foreach, fused=fused,
         ), "defaults")
         self._closure = closure
         self._directions = DirectionGenerator()
@@ -264,6 +280,7 @@ class HybridZOOptimizer(Optimizer):
         elif not isinstance(params, (set, list, tuple)):
             params = list(params)  # a generator: materialise it once, for this check and torch
             group["params"] = params
+        check_implementation(options, [item[1] if isinstance(item, tuple) else item for item in params], where)
         for position, item in enumerate(params):
             tensor = item[1] if isinstance(item, tuple) else item
             if not isinstance(tensor, Tensor):
@@ -330,9 +347,21 @@ class HybridZOOptimizer(Optimizer):
             RuntimeError: sparse gradients in an FO group.
         """
         closure = self._closure if closure is None else closure
+        if "found_inf" not in self.__dict__:
+            return self._step(closure)
+        try:  # driven by torch.amp.GradScaler: see _step_supports_amp_scaling
+            self._refuse_grad_scaler(closure)
+            return self._step_from_grads(self.__dict__.get("grad_scale"), self.__dict__["found_inf"])
+        except BaseException:
+            # GradScaler removes them after a step that returns; a step that raises must, or the
+            # next plain step would take the stale attributes for a scaler's.
+            self.__dict__.pop("grad_scale", None)
+            self.__dict__.pop("found_inf", None)
+            raise
+
+    def _step(self, closure: Optional[Closure]) -> Optional[Tensor]:
         if closure is not None and not callable(closure):
             raise TypeError(f"Invalid closure: {closure!r} (expected a callable)")
-        self._refuse_grad_scaler(closure)
         if closure is None and self._is_state_initialization():
             return self._initialize_state()
         if closure is None:
@@ -345,7 +374,7 @@ class HybridZOOptimizer(Optimizer):
         zo = ZOStep(zo_groups, runner, self.state, journal, self._directions) if zo_groups else None
         loss: Optional[float] = None
         chosen: Optional[str] = None
-        skipped = False
+        skipped = committed = False
         try:
             if fo_groups:
                 loss = self._first_order_pass(runner, fo_groups, zo_groups)
@@ -353,28 +382,34 @@ class HybridZOOptimizer(Optimizer):
                 with _parked_grads([p for g in fo_groups for p in g["params"]]):
                     loss, choice = zo.search(loss)
                 chosen = zo.chosen_name(choice)
-            with deferred_interrupts():  # the writes of the commit are not split by a Ctrl-C
+            first_order = FirstOrderStep(self._named_fo_groups(), self.state)  # checks, allocates; writes nothing
+            # The writes of the commit are not split by a Ctrl-C; one that arrives during them
+            # is raised when they (and the counters) are done, and undoes nothing.
+            with deferred_interrupts():
                 if zo is not None:
                     zo.commit(choice)
-                self._commit_first_order(fo_groups, journal)
+                first_order.commit()
+                self._advance_counters(skipped=False)
+                committed = True
         except NonFiniteLoss as bad:
             if zo is not None:
                 zo.back_to_theta()
             skipped, loss = True, bad.value if loss is None else loss
             warnings.warn(f"HybridZOOptimizer: non-finite loss ({bad.value}) in {bad.phase}; step skipped, "
-                          "parameters and optimizer state left unchanged", RuntimeWarning, stacklevel=3)
+                          "parameters and optimizer state left unchanged", RuntimeWarning, stacklevel=4)
+            self._advance_counters(skipped=True)
         except BaseException:
-            journal.rollback()
-            if zo is not None:
-                zo.back_to_theta()
-            for p, grad in grads_before:
-                p.grad = grad
+            if not committed:
+                journal.rollback()
+                if zo is not None:
+                    zo.back_to_theta()
+                for p, grad in grads_before:
+                    p.grad = grad
             raise
         finally:
             runner.rng.finish()
             if zo is not None:
                 zo.end()
-        self._advance_counters(skipped)
         self.last_step_info = {
             "forwards": runner.forwards, "backwards": int(bool(fo_groups)), "chosen": chosen,
             "skipped": skipped, "loss": loss, "scalars_reduced": runner.ranks.scalars_reduced,
@@ -434,16 +469,15 @@ class HybridZOOptimizer(Optimizer):
     def _refuse_grad_scaler(self, closure: Optional[Closure]) -> None:
         """Refuse ``torch.amp.GradScaler.step`` wherever it cannot work exactly.
 
-        The scaler unscales and checks the gradients in ``.grad`` before calling ``step``.
-        That is exact for FO groups stepping from those gradients (no closure), but the FO
-        pass of a closure computes new, scaled gradients after the check, and ZO groups need
-        a closure.
+        The scaler checks the gradients in ``.grad`` for infs before calling ``step``, and the
+        step unscales them (torch's protocol for ``_step_supports_amp_scaling`` optimizers, as
+        fused ``torch.optim.AdamW``). That is exact for FO groups stepping from those gradients
+        (no closure), but the FO pass of a closure computes new, scaled gradients after the
+        check, and ZO groups need a closure.
 
         Raises:
             ValueError: called by a GradScaler with a closure or with ZO groups.
         """
-        if not _called_by_grad_scaler():
-            return
         if closure is None and all(g["mode"] == "fo" for g in self.param_groups):
             return
         raise ValueError(
@@ -474,14 +508,19 @@ class HybridZOOptimizer(Optimizer):
                 p.grad = None
         # Excluding ZO parameters from autograd keeps backward (and the activations it
         # saves) to what the FO parameters need.
+        # Each switch is deferred as a whole: a Ctrl-C never leaves some parameters switched.
         excluded = [p for _, g in zo_groups for p in g["params"] if p.requires_grad]
-        for p in excluded:
-            p.requires_grad_(False)
+        switched: List[Tensor] = []
         try:
+            with deferred_interrupts():
+                for p in excluded:
+                    p.requires_grad_(False)
+                switched = excluded
             raw, value, backward_calls = runner.with_grad()
         finally:
-            for p in excluded:
-                p.requires_grad_(True)
+            with deferred_interrupts():
+                for p in switched:
+                    p.requires_grad_(True)
         if not math.isfinite(value):
             raise NonFiniteLoss(value, "the loss at theta")
         if backward_calls == 0:
@@ -498,33 +537,23 @@ class HybridZOOptimizer(Optimizer):
                 _check_dense_grads(group, f"param group {i}")
         return value
 
-    def _commit_first_order(self, fo_groups: List[Group], journal: Journal) -> None:
-        for group in fo_groups:
-            keeps_state = bool(RULES[group["rule"]].buffer_names(group))
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                param = flat_view(local_data(p))
-                journal.keep_values(param)
-                if keeps_state or p in self.state:
-                    journal.keep_state(p)
-                    state = self.state[p]
-                else:
-                    state = {}  # plain SGD keeps no per-parameter buffers: no state entry
-                update = begin_update(state, p, group, commit=True)
-                update.apply_(param, param, flat_view(local_data(p.grad)))
-                finish(state, update)
+    def _named_fo_groups(self) -> List[Tuple[str, Group]]:
+        return [(name, g) for name, g in self._named_groups() if g["mode"] == "fo"]
 
-    def _step_from_grads(self) -> None:
-        """A closure-less step: FO groups from the gradients already in ``.grad``."""
+    def _step_from_grads(self, grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+        """A closure-less step: FO groups from the gradients already in ``.grad``.
+
+        ``grad_scale`` and ``found_inf`` are what ``torch.amp.GradScaler`` passes: the gradients'
+        loss scale (None if the caller unscaled them already) and whether they hold an inf or
+        NaN, in which case the step is skipped as the scaler skips ``torch.optim`` steps.
+        """
         _, fo_groups = self._prepare_step(has_closure=False)
-        journal = Journal(self.state)
-        try:
-            self._commit_first_order(fo_groups, journal)
-        except BaseException:
-            journal.rollback()
-            raise
-        self._advance_counters(skipped=False)
+        first_order = FirstOrderStep(self._named_fo_groups(), self.state)  # checks, allocates; writes nothing
+        if found_inf is not None and found_inf.item() != 0:
+            return None
+        with deferred_interrupts():
+            first_order.commit(grad_scale, found_inf)
+            self._advance_counters(skipped=False)
         self.last_step_info = {"forwards": 0, "backwards": 0, "chosen": None, "skipped": False,
                                "loss": None, "scalars_reduced": 0, "direction_sweeps": 0.0}
         return None
@@ -542,7 +571,9 @@ class HybridZOOptimizer(Optimizer):
         """Create every state entry a first step would read (zeros), and take no step."""
         self._prepare_step(has_closure=True)  # validated as a step with a closure would be
         for group in self.param_groups:
-            if RULES[group["rule"]].buffer_names(group):
+            if group["mode"] == "fo":
+                initial_fo_state(self.state, group)
+            elif RULES[group["rule"]].buffer_names(group):
                 for p in group["params"]:
                     initial_state(self.state[p], p, group)
         self.last_step_info = {"forwards": 0, "backwards": 0, "chosen": None, "skipped": True,
@@ -573,21 +604,6 @@ def _check_dense_grads(group: Group, where: str) -> None:
                 f"Invalid gradient in {where}, parameter {position}: HybridZOOptimizer does not support "
                 f"sparse gradients ({p.grad.layout}; e.g. use nn.Embedding(sparse=False))"
             )
-
-
-_GRAD_SCALER_MODULES = ("torch.amp.grad_scaler", "torch.cuda.amp.grad_scaler", "torch.cpu.amp.grad_scaler")
-
-
-def _called_by_grad_scaler(depth: int = 8) -> bool:
-    """Whether a GradScaler method is among the callers of ``step`` (through torch's wrappers)."""
-    frame = sys._getframe(1)
-    for _ in range(depth):
-        frame = frame.f_back  # type: ignore[assignment]
-        if frame is None:
-            return False
-        if frame.f_globals.get("__name__") in _GRAD_SCALER_MODULES:
-            return True
-    return False
 
 
 @contextlib.contextmanager

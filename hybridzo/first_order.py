@@ -25,6 +25,8 @@ what ``torch.optim`` shares: running out of memory for the kernels' temporaries.
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Sequence, Tuple
 
@@ -34,7 +36,7 @@ from torch.optim.adamw import adamw
 from torch.optim.optimizer import _default_to_fused_or_foreach, _get_fused_kernels_supported_devices, _get_scalar_dtype
 from torch.optim.sgd import sgd
 
-from .sharding import local_data
+from .sharding import is_sharded, local_data
 
 __all__ = ["FirstOrderStep", "check_implementation", "implementation", "initial_fo_state"]
 
@@ -75,14 +77,18 @@ def check_implementation(group: Group, params: Sequence[Tensor], where: str) -> 
             )
 
 
-def _step_like_torch(value: Any, param: Tensor, fused: bool) -> Optional[Tensor]:
-    """AdamW's ``step`` as torch.optim keeps it for this implementation; None if ``value`` already is."""
-    dtype = _get_scalar_dtype(is_fused=fused)
-    device = param.device if fused else torch.device("cpu")
-    if isinstance(value, Tensor) and value.dim() == 0 and value.dtype == dtype and value.device == device:
-        return None
-    count = 0.0 if value is None else float(value.item() if isinstance(value, Tensor) else value)
-    return torch.tensor(count, dtype=dtype, device=device)
+def _step_like_torch(value: Any, param: Tensor, fused: bool, where: str) -> Tensor:
+    """AdamW's ``step`` (None: 0) as torch.optim keeps it for this implementation: a new 0-dim tensor.
+
+    Raises:
+        ValueError: ``value`` is not a non-negative integer (or a one-element tensor holding one).
+    """
+    count = value.item() if isinstance(value, Tensor) and value.numel() == 1 else 0 if value is None else value
+    if not isinstance(count, numbers.Real) or isinstance(count, bool) or not 0 <= count < math.inf \
+            or count != int(count):
+        raise ValueError(f"Invalid state in {where}: state 'step' is {value!r}, not a non-negative integer")
+    return torch.tensor(float(count), dtype=_get_scalar_dtype(is_fused=fused),
+                        device=param.device if fused else torch.device("cpu"))
 
 
 def initial_fo_state(state: MutableMapping[Tensor, Dict[str, Any]], group: Group) -> None:
@@ -97,9 +103,7 @@ def initial_fo_state(state: MutableMapping[Tensor, Dict[str, Any]], group: Group
         for name in ("exp_avg", "exp_avg_sq"):
             if entry.get(name) is None:
                 entry[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        converted = _step_like_torch(entry.get("step"), local_data(p), fused)
-        if converted is not None:
-            entry["step"] = converted
+        entry["step"] = _step_like_torch(entry.get("step"), local_data(p), fused, "initial state")
 
 
 @dataclass
@@ -112,8 +116,8 @@ class _GroupStep:
     grads: List[Tensor] = field(default_factory=list)
     buffers: Dict[str, List[Optional[Tensor]]] = field(default_factory=dict)
     steps: List[Tensor] = field(default_factory=list)
-    # (state entry, key, value) written at the commit: state the step creates or converts.
-    new_entries: List[Tuple[MutableMapping[str, Any], str, Tensor]] = field(default_factory=list)
+    # (mapping, key, value) written at the commit: state the step creates or converts.
+    new_entries: List[Tuple[Any, Any, Any]] = field(default_factory=list)
     entries: List[MutableMapping[str, Any]] = field(default_factory=list)
     has_complex: bool = False
 
@@ -127,59 +131,28 @@ class FirstOrderStep:
     Args:
         groups: ``(name, group)`` pairs of the FO groups, names as errors report them.
         state: the optimizer's ``state`` mapping.
+        checked: a cache the optimizer keeps between steps (not state): per parameter id, the
+            parameter, its dtype, state entry, step and buffers as last checked, and their ids. A
+            state entry whose objects are all the ones checked is not checked again (tensors do not
+            change shape, dtype or device in place).
 
     Raises:
         ValueError: a gradient or state buffer whose shape, dtype or device does not match its
-            parameter's (named by group, parameter and key), or ``foreach``/``fused`` values torch
-            cannot run.
+            parameter's, a state entry holding some of AdamW's entries but not all, or a ``step``
+            that is not a non-negative integer (named by group, parameter and key); ``foreach``/
+            ``fused`` values torch cannot run.
+        RuntimeError: a sparse gradient.
     """
 
-    def __init__(self, groups: Sequence[Tuple[str, Group]], state: MutableMapping[Tensor, Dict[str, Any]]) -> None:
-        self._state = state
+    def __init__(self, groups: Sequence[Tuple[str, Group]], state: MutableMapping[Tensor, Dict[str, Any]],
+                 checked: Dict[int, Tuple[Any, ...]]) -> None:
         self._steps: List[_GroupStep] = []
         for where, group in groups:
-            with_grad = [(i, p) for i, p in enumerate(group["params"]) if p.grad is not None]
-            check_implementation(group, [p for _, p in with_grad], where)
+            with_grad = [(i, p, p.grad) for i, p in enumerate(group["params"]) if p.grad is not None]
+            if group["fused"] and group["foreach"]:
+                check_implementation(group, [], where)
             if with_grad:
-                self._steps.append(self._plan(group, with_grad, where))
-
-    def _plan(self, group: Group, with_grad: List[Tuple[int, Tensor]], where: str) -> _GroupStep:
-        params = [local_data(p) for _, p in with_grad]
-        plan = _GroupStep(group, implementation(group, params))
-        names = ("exp_avg", "exp_avg_sq") if group["rule"] == "adamw" else (
-            ("momentum_buffer",) if group["momentum"] != 0 else ())
-        plan.buffers = {name: [] for name in names}
-        for (position, p), param in zip(with_grad, params):
-            at = f"{where}, parameter {position}"
-            grad = local_data(p.grad)  # dense: the optimizer refused sparse gradients already
-            _check_like(grad, param, f"Invalid gradient in {at}")
-            plan.params.append(param)
-            plan.grads.append(grad)
-            plan.has_complex |= param.is_complex()
-            if not names and p not in self._state:
-                continue  # plain SGD keeps no per-parameter state
-            entry = self._state[p] if p in self._state else {}
-            plan.entries.append(entry)
-            if p not in self._state:
-                plan.new_entries.append((self._state, p, entry))  # type: ignore[arg-type]
-            for name in names:
-                buffer = entry.get(name)
-                if buffer is None and group["rule"] == "adamw":
-                    buffer = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    plan.new_entries.append((entry, name, buffer))
-                if buffer is not None:
-                    if not isinstance(buffer, Tensor):
-                        raise ValueError(f"Invalid state in {at}: state {name!r} is a {type(buffer).__name__}")
-                    buffer = local_data(buffer)
-                    _check_like(buffer, param, f"Invalid state in {at}: state {name!r}")
-                plan.buffers[name].append(buffer)
-            if group["rule"] == "adamw":
-                step = entry.get("step")
-                converted = _step_like_torch(step, param, plan.implementation == "fused")
-                if converted is not None:
-                    plan.new_entries.append((entry, "step", converted))
-                plan.steps.append(step if converted is None else converted)
-        return plan
+                self._steps.append(_plan(group, with_grad, state, checked, where))
 
     def commit(self, grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
         """Write the planned state entries, then run each group's kernel.
@@ -207,12 +180,94 @@ class FirstOrderStep:
                 _sgd(plan, *scale)
 
 
-def _check_like(tensor: Tensor, param: Tensor, what: str) -> None:
-    if tensor.shape != param.shape or tensor.dtype != param.dtype or tensor.device != param.device:
-        raise ValueError(
-            f"{what} is {tuple(tensor.shape)} {tensor.dtype} on {tensor.device}, the parameter "
-            f"{tuple(param.shape)} {param.dtype} on {param.device}"
-        )
+def _plan(group: Group, with_grad: List[Tuple[int, Tensor, Tensor]], state: MutableMapping[Tensor, Dict[str, Any]],
+          checked: Dict[int, Tuple[Any, ...]], where: str) -> _GroupStep:
+    """One group's :class:`_GroupStep`: every check, and the state entries to create, per tensor.
+
+    Gradients are checked for what torch's ``.grad`` setter lets through (a sparse layout, a dtype
+    unlike the parameter's where ``grad_dtype`` allows one); state, which anyone can write, for
+    completeness, shape, dtype and device, unless ``checked`` shows the same objects passed already.
+    The loop is the step's per-tensor host work: keep it short.
+    """
+    sharded = any(map(is_sharded, (p for _, p, _ in with_grad)))
+    params = [local_data(p) for _, p, _ in with_grad] if sharded else [p for _, p, _ in with_grad]
+    plan = _GroupStep(group, implementation(group, params))
+    adam = group["rule"] == "adamw"
+    names = ("exp_avg", "exp_avg_sq") if adam else ("momentum_buffer",) if group["momentum"] != 0 else ()
+    buffer_lists = [plan.buffers.setdefault(name, []) for name in names]
+    fused = plan.implementation == "fused"
+    step_dtype = _get_scalar_dtype(is_fused=fused)
+    strided = torch.strided
+    first, second = (*names, None, None)[:2]
+    for (position, p, grad), param in zip(with_grad, params):
+        if grad.layout is not strided:
+            raise RuntimeError(
+                f"Invalid gradient in {where}, parameter {position}: HybridZOOptimizer does not support "
+                f"sparse gradients ({grad.layout}; e.g. use nn.Embedding(sparse=False))"
+            )
+        if sharded:
+            grad = local_data(grad)
+        known = checked.get(id(p))
+        dtype = known[0][1] if known is not None and known[0][0] is p else param.dtype
+        if grad.dtype is not dtype:
+            raise _unlike(f"Invalid gradient in {where}, parameter {position}", grad, param)
+        plan.params.append(param)
+        plan.grads.append(grad)
+        plan.has_complex |= dtype.is_complex
+        entry = step = None
+        buffers: Tuple[Any, ...] = ()
+        if names:
+            entry = state.get(p)
+            if entry is None:
+                entry = {}
+                plan.new_entries.append((state, p, entry))
+            plan.entries.append(entry)
+            buffers = (entry.get(first), entry.get(second)) if adam else (entry.get(first),)
+            step = entry.get("step") if adam else None
+        seen = (p, dtype, plan.implementation, entry, step, *buffers)
+        identities = tuple(map(id, seen))  # valid while ``checked`` holds the objects
+        if known is not None and known[1] == identities:
+            for buffer, into in zip(buffers, buffer_lists):
+                into.append(local_data(buffer) if sharded else buffer)
+            if adam:
+                plan.steps.append(step)
+            continue
+        if fused:
+            check_implementation(group, [param], f"{where} (parameter {position})")
+        present = [n for n, v in zip(("exp_avg", "exp_avg_sq", "step"), (*buffers, step)) if v is not None]
+        if adam and 0 < len(present) < 3:
+            raise ValueError(f"Invalid state in {where}, parameter {position}: AdamW state holds {present} "
+                             "but not all of exp_avg, exp_avg_sq and step (a fresh start has none of them)")
+        for name, buffer, into in zip(names, buffers, buffer_lists):
+            if buffer is None:
+                if adam:  # SGD's first step makes its buffer from the gradient, inside torch's kernel
+                    buffer = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    plan.new_entries.append((entry, name, buffer))
+                    buffer = local_data(buffer) if sharded else buffer
+            else:
+                if not isinstance(buffer, Tensor):
+                    raise ValueError(f"Invalid state in {where}, parameter {position}: state {name!r} is a "
+                                     f"{type(buffer).__name__}, not a tensor")
+                if sharded:
+                    buffer = local_data(buffer)
+                if buffer.dtype is not dtype or buffer.shape != param.shape or buffer.device != param.device:
+                    raise _unlike(f"Invalid state in {where}, parameter {position}: state {name!r}", buffer, param)
+            into.append(buffer)
+        if adam:
+            if not (isinstance(step, Tensor) and step.dtype is step_dtype and step.dim() == 0
+                    and (step.device == param.device if fused else step.is_cpu)):
+                step = _step_like_torch(step, param, fused, f"{where}, parameter {position}")
+                plan.new_entries.append((entry, "step", step))
+            plan.steps.append(step)
+        checked[id(p)] = (seen, identities)
+    return plan
+
+
+def _unlike(what: str, tensor: Tensor, param: Tensor) -> ValueError:
+    return ValueError(
+        f"{what} is {tuple(tensor.shape)} {tensor.dtype} on {tensor.device}, the parameter "
+        f"{tuple(param.shape)} {param.dtype} on {param.device}"
+    )
 
 
 def _unscale(grad_lists: List[List[Tensor]], grad_scale: Tensor) -> None:

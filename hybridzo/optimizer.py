@@ -180,6 +180,7 @@ class HybridZOOptimizer(Optimizer):
         self._directions = DirectionGenerator()
         self._ranks: Optional[RankAgreement] = None
         self._agreed_groups: List[Group] = []
+        self._fo_checked: Dict[int, Tuple[Any, ...]] = {}
         self.last_step_info: Dict[str, Any] = {}
         super().__init__(params, defaults)
 
@@ -197,6 +198,7 @@ class HybridZOOptimizer(Optimizer):
         self.__dict__.setdefault("_directions", DirectionGenerator())
         self.__dict__.setdefault("_ranks", None)
         self.__dict__.setdefault("last_step_info", {})
+        self.__dict__.setdefault("_fo_checked", {})
         self._agreed_groups = []
 
     # ---------------------------------------------------------------- entry points
@@ -382,7 +384,7 @@ class HybridZOOptimizer(Optimizer):
                 with _parked_grads([p for g in fo_groups for p in g["params"]]):
                     loss, choice = zo.search(loss)
                 chosen = zo.chosen_name(choice)
-            first_order = FirstOrderStep(self._named_fo_groups(), self.state)  # checks, allocates; writes nothing
+            first_order = FirstOrderStep(self._named_fo_groups(), self.state, self._fo_checked)  # checks, allocates; writes nothing
             # The writes of the commit are not split by a Ctrl-C; one that arrives during them
             # is raised when they (and the counters) are done, and undoes nothing.
             with deferred_interrupts():
@@ -424,7 +426,8 @@ class HybridZOOptimizer(Optimizer):
         normalised values. Returns the ZO groups (with indices) and the FO groups.
         """
         normalized: List[Group] = []
-        world_size = _sharded_world_size(self.param_groups)
+        sharded = any(is_sharded(p) for g in self.param_groups for p in g["params"])
+        world_size = _sharded_world_size(self.param_groups) if sharded else 1
         for i, group in enumerate(self.param_groups):
             where = f"param group {i}"
             options = normalize_options(group, where)
@@ -433,9 +436,8 @@ class HybridZOOptimizer(Optimizer):
             options.update(normalize_counters(group, where))
             check_inplace_undo(options, where)
             check_shared_zo_keys(options, where, [(f"param group {j}", o) for j, o in enumerate(normalized)])
-            if options["mode"] == "fo" and not has_closure:
-                _check_dense_grads(group, where)
-            for position, p in enumerate(group["params"]):
+            # FO gradients and state are checked by FirstOrderStep, which reads them anyway.
+            for position, p in enumerate(group["params"] if options["mode"] == "zo" or sharded else ()):
                 if not is_prepared(p):
                     raise ValueError(
                         f"Invalid params in {where}, parameter {position}: an FSDP2 (DTensor) parameter of a "
@@ -451,6 +453,8 @@ class HybridZOOptimizer(Optimizer):
                         "it with fully_shard (e.g. fully_shard(model) on the root as well), or put it in a ZO "
                         "group (ZO steps agree across processes)"
                     )
+                if options["mode"] == "fo":
+                    continue
                 problem = check_state(self.state[p], p, options) if p in self.state else None
                 if problem is not None:
                     raise ValueError(f"Invalid state in {where}, parameter {position}: {problem}")
@@ -548,7 +552,7 @@ class HybridZOOptimizer(Optimizer):
         NaN, in which case the step is skipped as the scaler skips ``torch.optim`` steps.
         """
         _, fo_groups = self._prepare_step(has_closure=False)
-        first_order = FirstOrderStep(self._named_fo_groups(), self.state)  # checks, allocates; writes nothing
+        first_order = FirstOrderStep(self._named_fo_groups(), self.state, self._fo_checked)  # checks, allocates; writes nothing
         if found_inf is not None and found_inf.item() != 0:
             return None
         with deferred_interrupts():

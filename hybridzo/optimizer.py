@@ -81,7 +81,9 @@ class HybridZOOptimizer(Optimizer):
        :math:`f(\theta-\Delta)`, :math:`f(\theta+\Delta)`, ties going to
        :math:`\theta+\Delta`, then :math:`\theta-\Delta`).
     4. **Commit**: ZO parameters are set to the chosen candidate and only its
-       optimizer state is written; FO groups take their rule's step.
+       optimizer state is written; FO groups take their rule's step with torch.optim's
+       own implementation (the per-tensor loop, ``foreach`` or ``fused``, as the group's
+       keys choose), bit for bit ``torch.optim.SGD``/``AdamW``'s with the same choice.
 
     With ``restore="exact"`` every probe is written from a copy of the ZO parameters
     taken at the start of the step, so the parameters end the step changed by exactly
@@ -93,8 +95,14 @@ class HybridZOOptimizer(Optimizer):
     identical dropout masks), and the RNG is then left as one call would leave it.
     A NaN or inf loss anywhere abandons the step: parameters and optimizer state
     stay as they were, a ``RuntimeWarning`` is issued and the group counter
-    ``nonfinite_steps`` is incremented. Any exception raised during a step leaves
-    parameters, gradients, optimizer state and counters as they were before it.
+    ``nonfinite_steps`` is incremented. Any exception raised before the commit (in a
+    closure call, or by a check of a value, gradient or state entry) leaves parameters,
+    gradients, optimizer state and counters as they were before the step. Everything the
+    commit needs is checked, and every state entry it creates allocated, before its first
+    write, and a Ctrl-C (SIGINT) that arrives during the commit is raised when the commit
+    and the counters are done: the step is then complete, as an uninterrupted one. Like
+    ``torch.optim``, FO groups keep no copy to undo a commit that runs out of memory for
+    the kernels' temporaries.
 
     Args:
         params: iterable of parameters or of dicts defining param groups; every
@@ -344,8 +352,14 @@ class HybridZOOptimizer(Optimizer):
             ValueError: under FSDP2, a DTensor parameter of a model not passed to
                 :func:`~hybridzo.prepare_fsdp`, or a plain tensor that requires grad in an FO
                 group of a multi-process run (nothing would average its gradient over processes).
-            ValueError: ``torch.amp.GradScaler.step`` with a closure or with ZO groups (an
-                FO-only optimizer steps from the scaler's unscaled gradients as torch.optim does).
+            ValueError: ``torch.amp.GradScaler.step`` with a closure or with ZO groups. An
+                FO-only optimizer works with the scaler without a closure: the scaler hands the
+                step its scale and inf check (torch's ``_step_supports_amp_scaling`` protocol),
+                the step unscales the gradients as the scaler would (fused kernels do it
+                themselves) and is skipped, uncounted, when they hold an inf or NaN.
+            ValueError: an FO gradient or state entry whose dtype (or, for state, shape or
+                device) differs from its parameter's, or AdamW state holding only some of
+                ``exp_avg``, ``exp_avg_sq`` and ``step``; checked before anything is written.
             RuntimeError: sparse gradients in an FO group.
         """
         closure = self._closure if closure is None else closure

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, MutableMapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -38,7 +38,7 @@ from torch.optim.sgd import sgd
 
 from .sharding import is_sharded, local_data
 
-__all__ = ["FirstOrderStep", "check_implementation", "implementation", "initial_fo_state"]
+__all__ = ["FirstOrderStep", "any_sharded", "check_implementation", "implementation", "initial_fo_state"]
 
 Group = Mapping[str, Any]
 
@@ -75,6 +75,11 @@ def check_implementation(group: Group, params: Sequence[Tensor], where: str) -> 
                 f"Invalid fused in {where}: True (parameter {position} is {param.dtype} on {param.device.type}; "
                 f"fused kernels need real floating-point tensors on {devices})"
             )
+
+
+def any_sharded(tensors: Iterable[Tensor]) -> bool:
+    """Whether any of ``tensors`` is a DTensor (FSDP2), checking one tensor per type."""
+    return any(map(is_sharded, {type(t): t for t in tensors}.values()))
 
 
 def _step_like_torch(value: Any, param: Tensor, fused: bool, where: str) -> Tensor:
@@ -132,9 +137,9 @@ class FirstOrderStep:
         groups: ``(name, group)`` pairs of the FO groups, names as errors report them.
         state: the optimizer's ``state`` mapping.
         checked: a cache the optimizer keeps between steps (not state): per parameter id, the
-            parameter, its dtype, state entry, step and buffers as last checked, and their ids. A
-            state entry whose objects are all the ones checked is not checked again (tensors do not
-            change shape, dtype or device in place).
+            parameter, its dtype, the implementation, its state entry, step and buffers as last
+            checked. A state entry whose objects are all the ones checked is not checked again
+            (tensors do not change shape, dtype or device in place).
 
     Raises:
         ValueError: a gradient or state buffer whose shape, dtype or device does not match its
@@ -189,7 +194,7 @@ def _plan(group: Group, with_grad: List[Tuple[int, Tensor, Tensor]], state: Muta
     completeness, shape, dtype and device, unless ``checked`` shows the same objects passed already.
     The loop is the step's per-tensor host work: keep it short.
     """
-    sharded = any(map(is_sharded, (p for _, p, _ in with_grad)))
+    sharded = any_sharded([p for _, p, _ in with_grad])
     params = [local_data(p) for _, p, _ in with_grad] if sharded else [p for _, p, _ in with_grad]
     plan = _GroupStep(group, implementation(group, params))
     adam = group["rule"] == "adamw"
@@ -197,8 +202,10 @@ def _plan(group: Group, with_grad: List[Tuple[int, Tensor, Tensor]], state: Muta
     buffer_lists = [plan.buffers.setdefault(name, []) for name in names]
     fused = plan.implementation == "fused"
     step_dtype = _get_scalar_dtype(is_fused=fused)
-    strided = torch.strided
+    strided, implementation_name = torch.strided, plan.implementation
     first, second = (*names, None, None)[:2]
+    add_param, add_grad, add_entry, add_step = plan.params.append, plan.grads.append, plan.entries.append, \
+        plan.steps.append
     for (position, p, grad), param in zip(with_grad, params):
         if grad.layout is not strided:
             raise RuntimeError(
@@ -208,30 +215,35 @@ def _plan(group: Group, with_grad: List[Tuple[int, Tensor, Tensor]], state: Muta
         if sharded:
             grad = local_data(grad)
         known = checked.get(id(p))
-        dtype = known[0][1] if known is not None and known[0][0] is p else param.dtype
+        if known is None or known[0] is not p:
+            known = None
+        dtype = param.dtype if known is None else known[1]
         if grad.dtype is not dtype:
             raise _unlike(f"Invalid gradient in {where}, parameter {position}", grad, param)
-        plan.params.append(param)
-        plan.grads.append(grad)
+        add_param(param)
+        add_grad(grad)
         plan.has_complex |= dtype.is_complex
-        entry = step = None
-        buffers: Tuple[Any, ...] = ()
+        entry = step = first_buffer = second_buffer = None
         if names:
             entry = state.get(p)
             if entry is None:
                 entry = {}
                 plan.new_entries.append((state, p, entry))
-            plan.entries.append(entry)
-            buffers = (entry.get(first), entry.get(second)) if adam else (entry.get(first),)
-            step = entry.get("step") if adam else None
-        seen = (p, dtype, plan.implementation, entry, step, *buffers)
-        identities = tuple(map(id, seen))  # valid while ``checked`` holds the objects
-        if known is not None and known[1] == identities:
-            for buffer, into in zip(buffers, buffer_lists):
-                into.append(local_data(buffer) if sharded else buffer)
+            add_entry(entry)
+            first_buffer = entry.get(first)
             if adam:
-                plan.steps.append(step)
+                second_buffer, step = entry.get(second), entry.get("step")
+        # The objects checked last time (``checked`` holds them, so they are these very objects).
+        if (known is not None and known[2] is implementation_name and known[3] is entry and known[4] is step
+                and known[5] is first_buffer and known[6] is second_buffer):
+            if names:
+                buffer_lists[0].append(local_data(first_buffer) if sharded else first_buffer)
+                if adam:
+                    buffer_lists[1].append(local_data(second_buffer) if sharded else second_buffer)
+                    add_step(step)
             continue
+        buffers = (first_buffer, second_buffer)[:len(names)]
+        seen = (p, dtype, implementation_name, entry, step, first_buffer, second_buffer)
         if fused:
             check_implementation(group, [param], f"{where} (parameter {position})")
         present = [n for n, v in zip(("exp_avg", "exp_avg_sq", "step"), (*buffers, step)) if v is not None]
@@ -259,7 +271,7 @@ def _plan(group: Group, with_grad: List[Tuple[int, Tensor, Tensor]], state: Muta
                 step = _step_like_torch(step, param, fused, f"{where}, parameter {position}")
                 plan.new_entries.append((entry, "step", step))
             plan.steps.append(step)
-        checked[id(p)] = (seen, identities)
+        checked[id(p)] = seen
     return plan
 
 

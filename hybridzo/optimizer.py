@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 from .closure import ClosureRunner, CommonRandomNumbers, NonFiniteLoss
 from .directions import DirectionGenerator
 from .distributed import RankAgreement
-from .first_order import FirstOrderStep, check_implementation, initial_fo_state
+from .first_order import FirstOrderStep, any_sharded, check_implementation, initial_fo_state
 from .interrupts import deferred_interrupts
 from .journal import Journal
 from .options import (
@@ -440,7 +440,7 @@ class HybridZOOptimizer(Optimizer):
         normalised values. Returns the ZO groups (with indices) and the FO groups.
         """
         normalized: List[Group] = []
-        sharded = any(is_sharded(p) for g in self.param_groups for p in g["params"])
+        sharded = any_sharded([p for g in self.param_groups for p in g["params"]])
         world_size = _sharded_world_size(self.param_groups) if sharded else 1
         for i, group in enumerate(self.param_groups):
             where = f"param group {i}"

@@ -159,30 +159,17 @@ class FirstOrderStep:
             if with_grad:
                 self._steps.append(_plan(group, with_grad, state, checked, where))
 
-    def commit(self, grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
-        """Write the planned state entries, then run each group's kernel.
-
-        Args:
-            grad_scale: the loss scale of ``torch.amp.GradScaler`` when the gradients are still
-                scaled (it drives the step through ``_step_supports_amp_scaling``); None otherwise.
-            found_inf: the scaler's inf/NaN flag (only with ``grad_scale``); the caller skips the
-                step when it is set, fused kernels read it too.
-        """
+    def commit(self) -> None:
+        """Write the planned state entries, then run each group's kernel."""
         for plan in self._steps:
             for entry, key, value in plan.new_entries:
                 entry[key] = value
         with torch.no_grad():
-            self._run(grad_scale, found_inf)
-
-    def _run(self, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
-        if grad_scale is not None:
-            _unscale([plan.grads for plan in self._steps if plan.implementation != "fused"], grad_scale)
-        for plan in self._steps:
-            scale = (grad_scale, found_inf) if grad_scale is not None and plan.implementation == "fused" else (None, None)
-            if plan.group["rule"] == "adamw":
-                _adamw(plan, *scale)
-            else:
-                _sgd(plan, *scale)
+            for plan in self._steps:
+                if plan.group["rule"] == "adamw":
+                    _adamw(plan)
+                else:
+                    _sgd(plan)
 
 
 def _plan(group: Group, with_grad: List[Tuple[int, Tensor, Tensor]], state: MutableMapping[Tensor, Dict[str, Any]],
@@ -282,33 +269,19 @@ def _unlike(what: str, tensor: Tensor, param: Tensor) -> ValueError:
     )
 
 
-def _unscale(grad_lists: List[List[Tensor]], grad_scale: Tensor) -> None:
-    """Divide gradients by the loss scale as ``GradScaler.unscale_`` does (the same kernel, bit for bit)."""
-    grads = [g for grads in grad_lists for g in grads]
-    if not grads:
-        return
-    inv_scale = grad_scale.double().reciprocal().float()
-    by_device: Dict[Tuple[torch.device, torch.dtype], List[Tensor]] = {}
-    for grad in grads:
-        by_device.setdefault((grad.device, grad.dtype), []).append(grad)
-    for (device, _), same in by_device.items():
-        found = torch.zeros(1, device=device)
-        torch._amp_foreach_non_finite_check_and_unscale_(same, found, inv_scale.to(device))
-
-
-def _adamw(plan: _GroupStep, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+def _adamw(plan: _GroupStep) -> None:
     group = plan.group
     beta1, beta2 = group["betas"]
     adamw(
         plan.params, plan.grads, plan.buffers["exp_avg"], plan.buffers["exp_avg_sq"], [], plan.steps,  # type: ignore[arg-type]
         foreach=plan.implementation == "foreach", fused=plan.implementation == "fused",
-        grad_scale=grad_scale, found_inf=found_inf, has_complex=plan.has_complex,
+        has_complex=plan.has_complex,
         amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
         eps=group["adam_eps"], maximize=False,
     )
 
 
-def _sgd(plan: _GroupStep, grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> None:
+def _sgd(plan: _GroupStep) -> None:
     group = plan.group
     everything = list(range(len(plan.params)))
     if group["momentum"] == 0:
@@ -325,7 +298,6 @@ def _sgd(plan: _GroupStep, grad_scale: Optional[Tensor], found_inf: Optional[Ten
         sgd(
             [plan.params[i] for i in run], [plan.grads[i] for i in run], momentum_buffers,
             foreach=plan.implementation == "foreach", fused=plan.implementation == "fused",
-            grad_scale=grad_scale, found_inf=found_inf,
             weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
             dampening=0.0, nesterov=False, maximize=False,
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import warnings
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
@@ -146,10 +147,6 @@ class HybridZOOptimizer(Optimizer):
     ``estimator``, ``queries``, ``candidates`` and ``conservative`` describe the whole
     step (all ZO groups are probed together), so all ZO groups must agree on them.
     """
-
-    #: ``torch.amp.GradScaler`` checks the gradients for infs and hands the step the scale and the
-    #: result (``grad_scale``, ``found_inf`` attributes) instead of unscaling and skipping itself.
-    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -352,32 +349,17 @@ class HybridZOOptimizer(Optimizer):
             ValueError: under FSDP2, a DTensor parameter of a model not passed to
                 :func:`~hybridzo.prepare_fsdp`, or a plain tensor that requires grad in an FO
                 group of a multi-process run (nothing would average its gradient over processes).
-            ValueError: ``torch.amp.GradScaler.step`` with a closure or with ZO groups. An
-                FO-only optimizer works with the scaler without a closure: the scaler hands the
-                step its scale and inf check (torch's ``_step_supports_amp_scaling`` protocol),
-                the step unscales the gradients as the scaler would (fused kernels do it
-                themselves) and is skipped, uncounted, when they hold an inf or NaN.
+            ValueError: ``torch.amp.GradScaler.step`` with a closure or with ZO groups (an
+                FO-only optimizer steps from the scaler's unscaled gradients as torch.optim does).
             ValueError: an FO gradient or state entry whose dtype (or, for state, shape or
                 device) differs from its parameter's, or AdamW state holding only some of
                 ``exp_avg``, ``exp_avg_sq`` and ``step``; checked before anything is written.
             RuntimeError: sparse gradients in an FO group.
         """
         closure = self._closure if closure is None else closure
-        if "found_inf" not in self.__dict__:
-            return self._step(closure)
-        try:  # driven by torch.amp.GradScaler: see _step_supports_amp_scaling
-            self._refuse_grad_scaler(closure)
-            return self._step_from_grads(self.__dict__.get("grad_scale"), self.__dict__["found_inf"])
-        except BaseException:
-            # GradScaler removes them after a step that returns; a step that raises must, or the
-            # next plain step would take the stale attributes for a scaler's.
-            self.__dict__.pop("grad_scale", None)
-            self.__dict__.pop("found_inf", None)
-            raise
-
-    def _step(self, closure: Optional[Closure]) -> Optional[Tensor]:
         if closure is not None and not callable(closure):
             raise TypeError(f"Invalid closure: {closure!r} (expected a callable)")
+        self._refuse_grad_scaler(closure)
         if closure is None and self._is_state_initialization():
             return self._initialize_state()
         if closure is None:
@@ -412,7 +394,7 @@ class HybridZOOptimizer(Optimizer):
                 zo.back_to_theta()
             skipped, loss = True, bad.value if loss is None else loss
             warnings.warn(f"HybridZOOptimizer: non-finite loss ({bad.value}) in {bad.phase}; step skipped, "
-                          "parameters and optimizer state left unchanged", RuntimeWarning, stacklevel=4)
+                          "parameters and optimizer state left unchanged", RuntimeWarning, stacklevel=3)
             self._advance_counters(skipped=True)
         except BaseException:
             if not committed:
@@ -487,15 +469,18 @@ class HybridZOOptimizer(Optimizer):
     def _refuse_grad_scaler(self, closure: Optional[Closure]) -> None:
         """Refuse ``torch.amp.GradScaler.step`` wherever it cannot work exactly.
 
-        The scaler checks the gradients in ``.grad`` for infs before calling ``step``, and the
-        step unscales them (torch's protocol for ``_step_supports_amp_scaling`` optimizers, as
-        fused ``torch.optim.AdamW``). That is exact for FO groups stepping from those gradients
-        (no closure), but the FO pass of a closure computes new, scaled gradients after the
-        check, and ZO groups need a closure.
+        The scaler unscales and checks the gradients in ``.grad`` before calling ``step``.
+        That is exact for FO groups stepping from those gradients (no closure), but the FO
+        pass of a closure computes new, scaled gradients after the check, and ZO groups need
+        a closure. The scaler is recognised among the callers: torch's protocol for optimizers
+        that unscale themselves (``_step_supports_amp_scaling``) would also make Lightning
+        refuse gradient clipping under bf16, where no scaler runs.
 
         Raises:
             ValueError: called by a GradScaler with a closure or with ZO groups.
         """
+        if not _called_by_grad_scaler():
+            return
         if closure is None and all(g["mode"] == "fo" for g in self.param_groups):
             return
         raise ValueError(
@@ -558,19 +543,12 @@ class HybridZOOptimizer(Optimizer):
     def _named_fo_groups(self) -> List[Tuple[str, Group]]:
         return [(name, g) for name, g in self._named_groups() if g["mode"] == "fo"]
 
-    def _step_from_grads(self, grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
-        """A closure-less step: FO groups from the gradients already in ``.grad``.
-
-        ``grad_scale`` and ``found_inf`` are what ``torch.amp.GradScaler`` passes: the gradients'
-        loss scale (None if the caller unscaled them already) and whether they hold an inf or
-        NaN, in which case the step is skipped as the scaler skips ``torch.optim`` steps.
-        """
+    def _step_from_grads(self) -> None:
+        """A closure-less step: FO groups from the gradients already in ``.grad``."""
         _, fo_groups = self._prepare_step(has_closure=False)
         first_order = FirstOrderStep(self._named_fo_groups(), self.state, self._fo_checked)  # checks, allocates; writes nothing
-        if found_inf is not None and found_inf.item() != 0:
-            return None
         with deferred_interrupts():
-            first_order.commit(grad_scale, found_inf)
+            first_order.commit()
             self._advance_counters(skipped=False)
         self.last_step_info = {"forwards": 0, "backwards": 0, "chosen": None, "skipped": False,
                                "loss": None, "scalars_reduced": 0, "direction_sweeps": 0.0}
@@ -622,6 +600,21 @@ def _check_dense_grads(group: Group, where: str) -> None:
                 f"Invalid gradient in {where}, parameter {position}: HybridZOOptimizer does not support "
                 f"sparse gradients ({p.grad.layout}; e.g. use nn.Embedding(sparse=False))"
             )
+
+
+_GRAD_SCALER_MODULES = ("torch.amp.grad_scaler", "torch.cuda.amp.grad_scaler", "torch.cpu.amp.grad_scaler")
+
+
+def _called_by_grad_scaler(depth: int = 8) -> bool:
+    """Whether a GradScaler method is among the callers of ``step`` (through torch's wrappers)."""
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        frame = frame.f_back  # type: ignore[assignment]
+        if frame is None:
+            return False
+        if frame.f_globals.get("__name__") in _GRAD_SCALER_MODULES:
+            return True
+    return False
 
 
 @contextlib.contextmanager

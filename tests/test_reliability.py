@@ -859,8 +859,9 @@ def test_grad_scaler_without_a_closure_is_still_refused_with_zo_groups(kind):
 )
 def test_grad_scaler_without_a_closure_still_matches_torch_on_fo_only_optimizers(options, reference, implementation,
                                                                                   unscale_first):
-    """GradScaler hands the step the scale and the inf check (_step_supports_amp_scaling): the result is
-    torch.optim's with the same implementation, skipped steps included."""
+    """The scaler unscales and checks the gradients, then steps: the result is torch.optim's with the same
+    implementation (fused torch.optim unscales inside its kernel, exactly so for the scaler's powers of 2),
+    skipped steps included."""
     models = [mlp(sizes=(6, 8, 1)), mlp(sizes=(6, 8, 1))]
     opts = [HybridZOOptimizer(models[0].parameters(), mode="fo", lr=0.05, **options, **implementation),
             reference(models[1].parameters(), **implementation)]

@@ -1,19 +1,19 @@
-"""What a step's commit overwrites, kept until the commit is over so that a failure can be undone.
+"""The ZO state a step's commit overwrites, kept until the step is over so that a failure can be undone.
 
-The commit writes parameters and optimizer state one tensor at a time; an exception
-half-way (out of memory, an interrupt) would leave some tensors updated and the rest
-not. Before a tensor's values are first written, the journal keeps a copy of them (and
-notes state entries and buffers that did not exist yet); :meth:`Journal.rollback` puts
-everything back bit for bit. ZO parameters need no entry: their restore strategy
-already knows the way back to theta.
+The ZO commit writes optimizer state one tensor at a time; an exception half-way would
+leave some entries updated and the rest not. Before an entry is first written, the journal
+keeps a copy of it (or notes that it did not exist yet); :meth:`Journal.rollback` puts
+everything back bit for bit. ZO parameters need no entry: their restore strategy already
+knows the way back to theta. FO groups keep no journal: their commit
+(:class:`~hybridzo.first_order.FirstOrderStep`) checks and allocates everything before its
+first write, and interrupts wait for its end.
 
-The copies cost, until the step ends, one copy of each FO parameter and of each state
-buffer the step writes (for adapters a few MiB, after backward has freed the activations).
+The copies cost, until the step ends, one copy of each ZO state buffer the step writes.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, MutableMapping, Optional, Tuple
+from typing import Any, Dict, MutableMapping, Optional
 
 from torch import Tensor
 
@@ -21,7 +21,7 @@ __all__ = ["Journal"]
 
 
 class Journal:
-    """Copies of values before a commit writes them.
+    """Copies of ZO state entries before a commit writes them.
 
     Args:
         state: the optimizer's ``state`` mapping (parameter -> dict of state entries).
@@ -29,12 +29,7 @@ class Journal:
 
     def __init__(self, state: MutableMapping[Tensor, Dict[str, Any]]) -> None:
         self._state = state
-        self._values: List[Tuple[Tensor, Tensor]] = []
         self._entries: Dict[Tensor, Optional[Dict[str, Any]]] = {}
-
-    def keep_values(self, tensor: Tensor) -> None:
-        """Copy ``tensor`` (a parameter's local flat data) before it is written."""
-        self._values.append((tensor, tensor.clone()))
 
     def keep_state(self, param: Tensor) -> None:
         """Copy the state entry of ``param`` (or note its absence) before it is first written."""
@@ -49,9 +44,7 @@ class Journal:
         }
 
     def rollback(self) -> None:
-        """Put every kept value back; state entries and buffers created since are removed."""
-        for tensor, saved in reversed(self._values):
-            tensor.copy_(saved)
+        """Put every kept entry back; state entries and buffers created since are removed."""
         for param, saved_entry in self._entries.items():
             if saved_entry is None:
                 self._state.pop(param, None)
@@ -69,5 +62,4 @@ class Journal:
 
     def discard(self) -> None:
         """Forget the copies (the commit succeeded)."""
-        self._values.clear()
         self._entries.clear()

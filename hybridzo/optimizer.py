@@ -15,6 +15,7 @@ from torch.optim import Optimizer
 from .closure import ClosureRunner, CommonRandomNumbers, ConstantLossWatch, NonFiniteLoss
 from .directions import DirectionGenerator
 from .distributed import RankAgreement
+from .first_order import FirstOrderStep, any_sharded, check_implementation, initial_fo_state
 from .interrupts import deferred_interrupts
 from .journal import Journal
 from .options import (
@@ -29,8 +30,8 @@ from .options import (
     normalize_counters,
     normalize_options,
 )
-from .rules import RULES, begin_update, check_state, finish, initial_state
-from .sharding import flat_view, is_prepared, is_sharded, local_data, local_slice
+from .rules import RULES, check_state, initial_state
+from .sharding import is_prepared, is_sharded, local_slice
 from .zo_step import ZOStep
 
 try:
@@ -81,7 +82,9 @@ class HybridZOOptimizer(Optimizer):
        :math:`f(\theta-\Delta)`, :math:`f(\theta+\Delta)`, ties going to
        :math:`\theta+\Delta`, then :math:`\theta-\Delta`).
     4. **Commit**: ZO parameters are set to the chosen candidate and only its
-       optimizer state is written; FO groups take their rule's step.
+       optimizer state is written; FO groups take their rule's step with torch.optim's
+       own implementation (the per-tensor loop, ``foreach`` or ``fused``, as the group's
+       keys choose), bit for bit ``torch.optim.SGD``/``AdamW``'s with the same choice.
 
     With ``restore="exact"`` every probe is written from a copy of the ZO parameters
     taken at the start of the step, so the parameters end the step changed by exactly
@@ -93,8 +96,14 @@ class HybridZOOptimizer(Optimizer):
     identical dropout masks), and the RNG is then left as one call would leave it.
     A NaN or inf loss anywhere abandons the step: parameters and optimizer state
     stay as they were, a ``RuntimeWarning`` is issued and the group counter
-    ``nonfinite_steps`` is incremented. Any exception raised during a step leaves
-    parameters, gradients, optimizer state and counters as they were before it.
+    ``nonfinite_steps`` is incremented. Any exception raised before the commit (in a
+    closure call, or by a check of a value, gradient or state entry) leaves parameters,
+    gradients, optimizer state and counters as they were before the step. Everything the
+    commit needs is checked, and every state entry it creates allocated, before its first
+    write, and a Ctrl-C (SIGINT) that arrives during the commit is raised when the commit
+    and the counters are done: the step is then complete, as an uninterrupted one. Like
+    ``torch.optim``, FO groups keep no copy to undo a commit that runs out of memory for
+    the kernels' temporaries.
 
     Args:
         params: iterable of parameters or of dicts defining param groups; every
@@ -125,6 +134,15 @@ class HybridZOOptimizer(Optimizer):
         seed: base seed of the perturbation stream (default None: drawn from the OS).
             Per-step seeds derive from it, the group index and the group's step
             count, so a run, and a run resumed from ``state_dict``, is reproducible.
+        foreach: FO groups: step with torch's ``torch._foreach_*`` implementation
+            (True), its per-tensor loop (False), or torch's default for the device
+            (None: foreach on CUDA, the loop on CPU) (default None). As ``torch.optim``'s
+            ``foreach``; the result is bit for bit ``torch.optim.SGD``/``AdamW``'s with
+            the same choice. ZO groups ignore it.
+        fused: FO groups: step with torch's fused kernels (``torch._fused_sgd_``,
+            ``torch._fused_adamw_``; real floating-point parameters on CPU, CUDA and the
+            other devices torch has them for), usually the fastest (default None: not
+            fused). Cannot be True together with ``foreach``. ZO groups ignore it.
 
     ``estimator``, ``queries``, ``candidates`` and ``conservative`` describe the whole
     step (all ZO groups are probed together), so all ZO groups must agree on them.
@@ -151,6 +169,8 @@ class HybridZOOptimizer(Optimizer):
         restore: str = "exact",
         distribution: str = "gaussian",
         seed: Optional[int] = None,
+        foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
     ) -> None:
         if closure is not None and not callable(closure):
             raise TypeError(f"Invalid closure: {closure!r} (expected a callable or None)")
@@ -159,12 +179,14 @@ class HybridZOOptimizer(Optimizer):
             candidates=candidates, conservative=conservative, rule=rule, momentum=momentum,
             betas=betas, adam_eps=adam_eps, weight_decay=weight_decay, restore=restore,
             distribution=distribution, seed=fresh_seed() if seed is None else seed,
+            foreach=foreach, fused=fused,
         ), "defaults")
         self._closure = closure
         self._directions = DirectionGenerator()
         self._ranks: Optional[RankAgreement] = None
         self._agreed_groups: List[Group] = []
         self._constant_loss = ConstantLossWatch()
+        self._fo_checked: Dict[int, Tuple[Any, ...]] = {}
         self.last_step_info: Dict[str, Any] = {}
         super().__init__(params, defaults)
 
@@ -183,6 +205,7 @@ class HybridZOOptimizer(Optimizer):
         self.__dict__.setdefault("_ranks", None)
         self.__dict__.setdefault("last_step_info", {})
         self.__dict__.setdefault("_constant_loss", ConstantLossWatch())
+        self.__dict__.setdefault("_fo_checked", {})
         self._agreed_groups = []
 
     # ---------------------------------------------------------------- entry points
@@ -279,6 +302,7 @@ class HybridZOOptimizer(Optimizer):
         elif not isinstance(params, (set, list, tuple)):
             params = list(params)  # a generator: materialise it once, for this check and torch
             group["params"] = params
+        check_implementation(options, [item[1] if isinstance(item, tuple) else item for item in params], where)
         for position, item in enumerate(params):
             tensor = item[1] if isinstance(item, tuple) else item
             if not isinstance(tensor, Tensor):
@@ -342,6 +366,9 @@ class HybridZOOptimizer(Optimizer):
                 group of a multi-process run (nothing would average its gradient over processes).
             ValueError: ``torch.amp.GradScaler.step`` with a closure or with ZO groups (an
                 FO-only optimizer steps from the scaler's unscaled gradients as torch.optim does).
+            ValueError: an FO gradient or state entry whose dtype (or, for state, shape or
+                device) differs from its parameter's, or AdamW state holding only some of
+                ``exp_avg``, ``exp_avg_sq`` and ``step``; checked before anything is written.
             RuntimeError: sparse gradients in an FO group.
         """
         closure = self._closure if closure is None else closure
@@ -360,7 +387,7 @@ class HybridZOOptimizer(Optimizer):
         zo = ZOStep(zo_groups, runner, self.state, journal, self._directions) if zo_groups else None
         loss: Optional[float] = None
         chosen: Optional[str] = None
-        skipped = False
+        skipped = committed = False
         try:
             if fo_groups:
                 loss = self._first_order_pass(runner, fo_groups, zo_groups)
@@ -368,28 +395,34 @@ class HybridZOOptimizer(Optimizer):
                 with _parked_grads([p for g in fo_groups for p in g["params"]]):
                     loss, choice = zo.search(loss)
                 chosen = zo.chosen_name(choice)
-            with deferred_interrupts():  # the writes of the commit are not split by a Ctrl-C
+            first_order = FirstOrderStep(self._named_fo_groups(), self.state, self._fo_checked)  # checks, allocates; writes nothing
+            # The writes of the commit are not split by a Ctrl-C; one that arrives during them
+            # is raised when they (and the counters) are done, and undoes nothing.
+            with deferred_interrupts():
                 if zo is not None:
                     zo.commit(choice)
-                self._commit_first_order(fo_groups, journal)
+                first_order.commit()
+                self._advance_counters(skipped=False)
+                committed = True
         except NonFiniteLoss as bad:
             if zo is not None:
                 zo.back_to_theta()
             skipped, loss = True, bad.value if loss is None else loss
             warnings.warn(f"HybridZOOptimizer: non-finite loss ({bad.value}) in {bad.phase}; step skipped, "
                           "parameters and optimizer state left unchanged", RuntimeWarning, stacklevel=3)
+            self._advance_counters(skipped=True)
         except BaseException:
-            journal.rollback()
-            if zo is not None:
-                zo.back_to_theta()
-            for p, grad in grads_before:
-                p.grad = grad
+            if not committed:
+                journal.rollback()
+                if zo is not None:
+                    zo.back_to_theta()
+                for p, grad in grads_before:
+                    p.grad = grad
             raise
         finally:
             runner.rng.finish()
             if zo is not None:
                 zo.end()
-        self._advance_counters(skipped)
         if zo is not None and not skipped:
             self._constant_loss.observe(runner.losses)
         self.last_step_info = {
@@ -406,7 +439,8 @@ class HybridZOOptimizer(Optimizer):
         normalised values. Returns the ZO groups (with indices) and the FO groups.
         """
         normalized: List[Group] = []
-        world_size = _sharded_world_size(self.param_groups)
+        sharded = any_sharded([p for g in self.param_groups for p in g["params"]])
+        world_size = _sharded_world_size(self.param_groups) if sharded else 1
         for i, group in enumerate(self.param_groups):
             where = f"param group {i}"
             options = normalize_options(group, where)
@@ -415,9 +449,8 @@ class HybridZOOptimizer(Optimizer):
             options.update(normalize_counters(group, where))
             check_inplace_undo(options, where)
             check_shared_zo_keys(options, where, [(f"param group {j}", o) for j, o in enumerate(normalized)])
-            if options["mode"] == "fo" and not has_closure:
-                _check_dense_grads(group, where)
-            for position, p in enumerate(group["params"]):
+            # FO gradients and state are checked by FirstOrderStep, which reads them anyway.
+            for position, p in enumerate(group["params"] if options["mode"] == "zo" or sharded else ()):
                 if not is_prepared(p):
                     raise ValueError(
                         f"Invalid params in {where}, parameter {position}: an FSDP2 (DTensor) parameter of a "
@@ -433,6 +466,8 @@ class HybridZOOptimizer(Optimizer):
                         "it with fully_shard (e.g. fully_shard(model) on the root as well), or put it in a ZO "
                         "group (ZO steps agree across processes)"
                     )
+                if options["mode"] == "fo":
+                    continue
                 problem = check_state(self.state[p], p, options) if p in self.state else None
                 if problem is not None:
                     raise ValueError(f"Invalid state in {where}, parameter {position}: {problem}")
@@ -454,7 +489,9 @@ class HybridZOOptimizer(Optimizer):
         The scaler unscales and checks the gradients in ``.grad`` before calling ``step``.
         That is exact for FO groups stepping from those gradients (no closure), but the FO
         pass of a closure computes new, scaled gradients after the check, and ZO groups need
-        a closure.
+        a closure. The scaler is recognised among the callers: torch's protocol for optimizers
+        that unscale themselves (``_step_supports_amp_scaling``) would also make Lightning
+        refuse gradient clipping under bf16, where no scaler runs.
 
         Raises:
             ValueError: called by a GradScaler with a closure or with ZO groups.
@@ -491,14 +528,19 @@ class HybridZOOptimizer(Optimizer):
                 p.grad = None
         # Excluding ZO parameters from autograd keeps backward (and the activations it
         # saves) to what the FO parameters need.
+        # Each switch is deferred as a whole: a Ctrl-C never leaves some parameters switched.
         excluded = [p for _, g in zo_groups for p in g["params"] if p.requires_grad]
-        for p in excluded:
-            p.requires_grad_(False)
+        switched: List[Tensor] = []
         try:
+            with deferred_interrupts():
+                for p in excluded:
+                    p.requires_grad_(False)
+                switched = excluded
             raw, value, backward_calls = runner.with_grad()
         finally:
-            for p in excluded:
-                p.requires_grad_(True)
+            with deferred_interrupts():
+                for p in switched:
+                    p.requires_grad_(True)
         if not math.isfinite(value):
             raise NonFiniteLoss(value, "the loss at theta")
         if backward_calls == 0:
@@ -521,33 +563,16 @@ class HybridZOOptimizer(Optimizer):
                 _check_dense_grads(group, f"param group {i}")
         return value
 
-    def _commit_first_order(self, fo_groups: List[Group], journal: Journal) -> None:
-        for group in fo_groups:
-            keeps_state = bool(RULES[group["rule"]].buffer_names(group))
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                param = flat_view(local_data(p))
-                journal.keep_values(param)
-                if keeps_state or p in self.state:
-                    journal.keep_state(p)
-                    state = self.state[p]
-                else:
-                    state = {}  # plain SGD keeps no per-parameter buffers: no state entry
-                update = begin_update(state, p, group, commit=True)
-                update.apply_(param, param, flat_view(local_data(p.grad)))
-                finish(state, update)
+    def _named_fo_groups(self) -> List[Tuple[str, Group]]:
+        return [(name, g) for name, g in self._named_groups() if g["mode"] == "fo"]
 
     def _step_from_grads(self) -> None:
         """A closure-less step: FO groups from the gradients already in ``.grad``."""
         _, fo_groups = self._prepare_step(has_closure=False)
-        journal = Journal(self.state)
-        try:
-            self._commit_first_order(fo_groups, journal)
-        except BaseException:
-            journal.rollback()
-            raise
-        self._advance_counters(skipped=False)
+        first_order = FirstOrderStep(self._named_fo_groups(), self.state, self._fo_checked)  # checks, allocates; writes nothing
+        with deferred_interrupts():
+            first_order.commit()
+            self._advance_counters(skipped=False)
         self.last_step_info = {"forwards": 0, "backwards": 0, "chosen": None, "skipped": False,
                                "loss": None, "scalars_reduced": 0, "direction_sweeps": 0.0}
         return None
@@ -565,7 +590,9 @@ class HybridZOOptimizer(Optimizer):
         """Create every state entry a first step would read (zeros), and take no step."""
         self._prepare_step(has_closure=True)  # validated as a step with a closure would be
         for group in self.param_groups:
-            if RULES[group["rule"]].buffer_names(group):
+            if group["mode"] == "fo":
+                initial_fo_state(self.state, group)
+            elif RULES[group["rule"]].buffer_names(group):
                 for p in group["params"]:
                     initial_state(self.state[p], p, group)
         self.last_step_info = {"forwards": 0, "backwards": 0, "chosen": None, "skipped": True,

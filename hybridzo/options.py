@@ -38,10 +38,11 @@ __all__ = [
 HYPERPARAMETERS = (
     "lr", "mode", "eps", "sign", "queries", "estimator", "candidates", "conservative",
     "rule", "momentum", "betas", "adam_eps", "weight_decay", "restore", "distribution", "seed",
+    "foreach", "fused",
 )
 
 #: Keys added after 0.1.0, with the value a group saved before they existed behaves as.
-NEWER_KEYS = {"restore": "exact", "distribution": "gaussian"}
+NEWER_KEYS = {"restore": "exact", "distribution": "gaussian", "foreach": None, "fused": None}
 
 #: All ZO groups are probed together along one direction per query, so these
 #: keys describe the whole step and must agree across ZO groups.
@@ -66,6 +67,7 @@ _MODES = ("zo", "fo")
 _SIGNS = (None, "coordinate", "scalar")
 _ESTIMATORS = ("central", "forward")
 _RESTORES = ("exact", "inplace")
+_IMPLEMENTATION_CHOICES = (None, True, False)
 _SEED_LIMIT = 1 << 63
 
 
@@ -142,6 +144,8 @@ def normalize_options(options: Mapping[str, Any], where: str) -> Dict[str, Any]:
         "distribution": _choice(options, "distribution", where, tuple(DISTRIBUTIONS)),
         "seed": None if seed is None else _integer(seed, "seed", where, 0, _SEED_LIMIT,
                                                    "expected None or an int in [0, 2**63)"),
+        "foreach": _choice(options, "foreach", where, _IMPLEMENTATION_CHOICES),
+        "fused": _choice(options, "fused", where, _IMPLEMENTATION_CHOICES),
     }
 
 

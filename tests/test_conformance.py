@@ -137,3 +137,34 @@ def test_central_pure_zo_returns_probe_mean_close_to_the_loss():
     expected = nn.functional.mse_loss(model(x), y).item()
     opt = HybridZOOptimizer(model.parameters(), lr=0.0, eps=1e-3, seed=0)
     assert opt.step(lambda: nn.functional.mse_loss(model(x), y)).item() == pytest.approx(expected, rel=1e-3)
+
+
+@pytest.mark.parametrize("implementation", [dict(foreach=False), dict(foreach=True), dict(fused=True)],
+                         ids=["for-loop", "foreach", "fused"])
+def test_fo_state_resumes_through_weights_only_checkpoints_and_copies(implementation):
+    """FO state (AdamW's step a tensor, as torch keeps it) survives torch.save/load(weights_only=True),
+    deepcopy and pickle; every copy continues the trajectory bit for bit."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 1))
+    opt = HybridZOOptimizer([{"params": model[0].parameters(), "mode": "fo", "momentum": 0.9},
+                             {"params": model[2].parameters(), "mode": "fo", "rule": "adamw", "weight_decay": 0.01}],
+                            lr=0.01, seed=0, **implementation)
+    data = batches(6)
+    train(model, opt, data[:3])
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    copies = [copy.deepcopy((model, opt)), pickle.loads(pickle.dumps((model, opt)))]
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+    loaded_model = copy.deepcopy(model)
+    loaded_model.load_state_dict(checkpoint["model"])
+    loaded = HybridZOOptimizer([{"params": loaded_model[0].parameters(), "mode": "fo"},
+                                {"params": loaded_model[2].parameters(), "mode": "fo"}], lr=1.0)
+    loaded.load_state_dict(checkpoint["opt"])
+    train(model, opt, data[3:])
+    for other_model, other in [*copies, (loaded_model, loaded)]:
+        train(other_model, other, data[3:])
+        for p, q in zip(model.parameters(), other_model.parameters()):
+            assert torch.equal(p, q)
+    step = opt.state[model[2].weight]["step"]
+    assert torch.is_tensor(step) and step.dim() == 0 and step.item() == 6

@@ -847,17 +847,24 @@ def test_grad_scaler_without_a_closure_is_still_refused_with_zo_groups(kind):
     refused_scaler_step(kind, with_closure=False)
 
 
+@pytest.mark.parametrize("unscale_first", [False, True], ids=["scaler-unscales", "unscale_-before-step"])
+@pytest.mark.parametrize("implementation", [{}, dict(foreach=True), dict(fused=True)], ids=["default", "foreach", "fused"])
 @pytest.mark.parametrize(
     "options, reference",
     [
-        (dict(rule="sgd", momentum=0.9, weight_decay=0.01), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=0.01)),
-        (dict(rule="adamw", weight_decay=0.01), lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.01)),
+        (dict(rule="sgd", momentum=0.9, weight_decay=0.01), lambda p, **k: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=0.01, **k)),
+        (dict(rule="adamw", weight_decay=0.01), lambda p, **k: torch.optim.AdamW(p, lr=0.05, weight_decay=0.01, **k)),
     ],
     ids=["sgd", "adamw"],
 )
-def test_grad_scaler_without_a_closure_still_matches_torch_on_fo_only_optimizers(options, reference):
+def test_grad_scaler_without_a_closure_still_matches_torch_on_fo_only_optimizers(options, reference, implementation,
+                                                                                  unscale_first):
+    """The scaler unscales and checks the gradients, then steps: the result is torch.optim's with the same
+    implementation (fused torch.optim unscales inside its kernel, exactly so for the scaler's powers of 2),
+    skipped steps included."""
     models = [mlp(sizes=(6, 8, 1)), mlp(sizes=(6, 8, 1))]
-    opts = [HybridZOOptimizer(models[0].parameters(), mode="fo", lr=0.05, **options), reference(models[1].parameters())]
+    opts = [HybridZOOptimizer(models[0].parameters(), mode="fo", lr=0.05, **options, **implementation),
+            reference(models[1].parameters(), **implementation)]
     scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2) for _ in opts]
     scales = [[], []]
     g = torch.Generator().manual_seed(2)
@@ -868,9 +875,15 @@ def test_grad_scaler_without_a_closure_still_matches_torch_on_fo_only_optimizers
             scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
             if step == 2:
                 model[0].weight.grad[0, 0] = INF  # this step is skipped
+            if unscale_first:
+                scaler.unscale_(opt)  # as before clipping gradients
             scaler.step(opt)
             scaler.update()
             scales[i].append(scaler.get_scale())
     assert scales[0] == scales[1] and len(set(scales[0])) > 1
+    assert opts[0].param_groups[0]["steps"] == 5  # the skipped step is not counted
     for p, q in zip(*(m.parameters() for m in models)):
         assert torch.equal(p, q)
+    for p, q in zip(*(m.parameters() for m in models)):
+        for key, value in opts[0].state.get(p, {}).items():
+            assert torch.equal(value, opts[1].state[q][key]), key

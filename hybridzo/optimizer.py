@@ -31,7 +31,7 @@ from .options import (
     normalize_options,
 )
 from .rules import RULES, check_state, initial_state
-from .sharding import is_prepared, is_sharded, local_slice
+from .sharding import is_prepared, is_sharded, local_data, local_slice
 from .zo_step import ZOStep
 
 try:

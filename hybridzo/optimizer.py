@@ -30,6 +30,7 @@ from .options import (
     normalize_options,
 )
 from .rules import RULES, begin_update, check_state, finish, initial_state
+from .plan import StepPlan, plan_key
 from .sharding import flat_view, is_prepared, is_sharded, local_data, local_slice
 from .zo_step import ZOStep
 
@@ -164,6 +165,7 @@ class HybridZOOptimizer(Optimizer):
         self._directions = DirectionGenerator()
         self._ranks: Optional[RankAgreement] = None
         self._agreed_groups: List[Group] = []
+        self._zo_plan: Optional[StepPlan] = None
         self.last_step_info: Dict[str, Any] = {}
         super().__init__(params, defaults)
 
@@ -182,6 +184,7 @@ class HybridZOOptimizer(Optimizer):
         self.__dict__.setdefault("_ranks", None)
         self.__dict__.setdefault("last_step_info", {})
         self._agreed_groups = []
+        self._zo_plan = None
 
     # ---------------------------------------------------------------- entry points
 
@@ -342,7 +345,7 @@ class HybridZOOptimizer(Optimizer):
                                                             for p in g["params"]), self._agree_across_ranks())
         journal = Journal(self.state)
         grads_before = [(p, p.grad) for g in self.param_groups for p in g["params"]]
-        zo = ZOStep(zo_groups, runner, self.state, journal, self._directions) if zo_groups else None
+        zo = ZOStep(zo_groups, runner, self.state, journal, self._directions, self._plan(zo_groups)) if zo_groups else None
         loss: Optional[float] = None
         chosen: Optional[str] = None
         skipped = False
@@ -430,6 +433,13 @@ class HybridZOOptimizer(Optimizer):
             group.update(options)
         zo_groups = [(i, self.param_groups[i]) for i in zo_indices]
         return zo_groups, [g for g in self.param_groups if g["mode"] == "fo"]
+
+    def _plan(self, zo_groups: List[Tuple[int, Group]]) -> StepPlan:
+        """The chunks of the ZO groups: the last step's, unless the groups or their tensors changed."""
+        key = plan_key(zo_groups)
+        if self._zo_plan is None or self._zo_plan.key != key:
+            self._zo_plan = StepPlan(zo_groups, key)
+        return self._zo_plan
 
     def _refuse_grad_scaler(self, closure: Optional[Closure]) -> None:
         """Refuse ``torch.amp.GradScaler.step`` wherever it cannot work exactly.

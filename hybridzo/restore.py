@@ -128,7 +128,9 @@ class ExactRestore(Restore):
             update.apply_(moved, anchor, moved)  # the estimate is read before the moved value overwrites it
             if not target.same_point(current):
                 chunk.scatter(moved)
+            step.reached(n, target)
             update.write_state()
+            return
         step.reached(n, target)
 
     def back_to_theta(self, step: Any, n: int, chunk: Chunk, current: Position) -> None:
@@ -183,11 +185,12 @@ class InplaceRestore(Restore):
             update.apply_(grad, values, grad)
             if not target.same_point(current):  # a commit of the trial in place keeps its values
                 chunk.scatter(grad)
+            step.reached(n, target)
             update.write_state()
-        else:
-            if isinstance(target, Probe):
-                values.add_(step.z(chunk, target.candidate, target.query), alpha=target.side * eps)
-            chunk.scatter(values)
+            return
+        if isinstance(target, Probe):
+            values.add_(step.z(chunk, target.candidate, target.query), alpha=target.side * eps)
+        chunk.scatter(values)
         step.reached(n, target)
 
     def back_to_theta(self, step: Any, n: int, chunk: Chunk, current: Position) -> None:

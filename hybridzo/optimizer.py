@@ -345,7 +345,7 @@ class HybridZOOptimizer(Optimizer):
                                                             for p in g["params"]), self._agree_across_ranks())
         journal = Journal(self.state)
         grads_before = [(p, p.grad) for g in self.param_groups for p in g["params"]]
-        zo = ZOStep(zo_groups, runner, self.state, journal, self._directions, self._plan(zo_groups)) if zo_groups else None
+        zo = ZOStep(zo_groups, runner, self.state, self._directions, self._plan(zo_groups)) if zo_groups else None
         loss: Optional[float] = None
         chosen: Optional[str] = None
         skipped = False

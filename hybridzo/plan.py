@@ -19,8 +19,8 @@ a new one when the key changes (a group added or edited, a parameter replaced or
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Dict, Hashable, List, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -80,6 +80,7 @@ class Chunk:
     sizes: List[int]
     dtype: torch.dtype
     device: torch.device
+    _state_views: Dict[str, Tuple[Tuple[int, ...], List[Tensor]]] = field(default_factory=dict, repr=False)
 
     def empty(self) -> Tensor:
         """A flat buffer for the held entries."""
@@ -91,12 +92,29 @@ class Chunk:
 
     def gather(self, out: Tensor) -> Tensor:
         """Copy the parameters' held entries into the flat buffer ``out``; returns it."""
-        torch._foreach_copy_(self.parts(out), self.views)
+        if all(v.dim() == 1 for v in self.views):
+            torch.cat(self.views, out=out)  # one kernel, faster than a copy per view
+        else:
+            torch._foreach_copy_(self.parts(out), self.views)
         return out
 
     def scatter(self, flat: Tensor) -> None:
         """Write the flat buffer ``flat`` into the parameters' held entries."""
         torch._foreach_copy_(self.views, self.parts(flat))
+
+    def state_views(self, name: str, buffers: List[Optional[Tensor]]) -> List[Tensor]:
+        """Views of the pieces' state ``buffers`` (None: none yet) matching the held entries, in
+        logical order like the parameters (whatever the buffers' own layout); cached while the
+        buffers are the same tensors (the cache holds them, so their ids stay theirs)."""
+        key = tuple(id(buffer) for buffer in buffers)
+        cached = self._state_views.get(name)
+        if cached is None or cached[0] != key:
+            views: List[Tensor] = []
+            for piece, buffer in zip(self.pieces, buffers):
+                if buffer is not None:
+                    views += logical_views(local_data(buffer), piece.local_lo, piece.local_hi)
+            cached = self._state_views[name] = (key, views)
+        return cached[1]
 
     def held_entries(self, drawn: Tensor) -> Tensor:
         """The held entries of a drawn chunk (a view when they are one run, else a copy)."""

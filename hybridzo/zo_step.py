@@ -35,10 +35,9 @@ from torch import Tensor
 from .closure import ClosureRunner
 from .directions import DISTRIBUTIONS, DirectionGenerator, Distribution, chunk_seed
 from .interrupts import deferred_interrupts
-from .journal import Journal
 from .plan import Chunk, StepPlan, flat_parts
 from .restore import RESTORES, THETA, Move, Position, Probe, Restore, Theta
-from .rules import RULES, Update, begin_update
+from .rules import RULES, Update
 from .sharding import local_data, logical_views
 
 __all__ = ["ZOStep", "ChunkUpdate"]
@@ -51,22 +50,25 @@ class ZOStep:
         zo_groups: ``(index, group)`` of every ZO param group (their step-wide keys agree).
         runner: calls the closure.
         state: the optimizer's per-parameter state.
-        journal: keeps the optimizer state a commit overwrites.
         generator: draws direction chunks.
         plan: the chunks of ``zo_groups`` (see :class:`~hybridzo.plan.StepPlan`).
     """
 
     def __init__(self, zo_groups: List[Tuple[int, Dict[str, Any]]], runner: ClosureRunner,
-                 state: MutableMapping[Tensor, Dict[str, Any]], journal: Journal,
-                 generator: DirectionGenerator, plan: StepPlan) -> None:
+                 state: MutableMapping[Tensor, Dict[str, Any]], generator: DirectionGenerator,
+                 plan: StepPlan) -> None:
         self.settings = zo_groups[0][1]
         self.zo_groups = zo_groups
-        self.runner, self.state, self.journal, self.generator, self.plan = runner, state, journal, generator, plan
+        self.runner, self.state, self.generator, self.plan = runner, state, generator, plan
         self.positions: List[Position] = [THETA] * len(plan.chunks)
         self.anchors: Dict[int, Tensor] = {}  # restore="exact": chunk number -> flat copy of theta
         self.differences: List[List[float]] = []
         self.generated = 0
         self.fresh: Set[int] = set()  # ids of parameters whose rule buffers this commit creates
+        # What a commit overwrites, until the step ends: (state views, their former values) per chunk
+        # and buffer, and (parameter, whether it had a state entry, buffers created, former step).
+        self.backups: List[Tuple[List[Tensor], List[Tensor]]] = []
+        self.entries: List[Tuple[Tensor, bool, List[str], Any]] = []
         self._coefficients: Dict[Tuple[int, int], List[float]] = {}
         for n, chunk in enumerate(plan.chunks):
             self.restore(chunk).begin(self, n, chunk)
@@ -146,11 +148,17 @@ class ZOStep:
         if isinstance(choice, Theta):
             self._move_all(THETA)
             return
-        stateful = [(group, p) for _, group in self.zo_groups if RULES[group["rule"]].buffer_names(group)
-                    for p in group["params"]]
+        stateful = [(group, p) for _, group in self.zo_groups for p in group["params"]
+                    if RULES[group["rule"]].buffer_names(group)]
         for group, p in stateful:  # every buffer exists before the first chunk writes
-            self.journal.keep_state(p)
-            if begin_update(self.state[p], p, group, commit=True).fresh:
+            names = RULES[group["rule"]].buffer_names(group)
+            existed = p in self.state
+            entry = self.state[p]
+            missing = [name for name in names if entry.get(name) is None]
+            self.entries.append((p, existed, missing, entry.get("step")))
+            for name in missing:
+                entry[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if len(missing) == len(names):
                 self.fresh.add(id(p))
         self._move_all(Move(choice.candidate, choice.mirrored, commit=True))
         for group, p in stateful:
@@ -158,14 +166,31 @@ class ZOStep:
                 self.state[p]["step"] = int(self.state[p].get("step", 0)) + 1
 
     def back_to_theta(self) -> None:
-        """After a failure: every chunk back to theta (optimizer state already restored)."""
+        """After a failure: the optimizer state a commit wrote as it was, every chunk back to theta."""
         with deferred_interrupts():
+            for views, saved in reversed(self.backups):
+                torch._foreach_copy_(views, saved)
+            for p, existed, missing, step_count in self.entries:
+                if not existed:
+                    self.state.pop(p, None)
+                    continue
+                entry = self.state[p]
+                for name in missing:
+                    entry.pop(name, None)
+                if step_count is None:
+                    entry.pop("step", None)
+                else:
+                    entry["step"] = step_count
+            self.backups.clear()
+            self.entries.clear()
             for n, chunk in enumerate(self.plan.chunks):
                 if self.positions[n] != THETA:
                     self.restore(chunk).back_to_theta(self, n, chunk, self.positions[n])
 
     def end(self) -> None:
         self.anchors.clear()
+        self.backups.clear()
+        self.entries.clear()
 
     @property
     def direction_sweeps(self) -> float:
@@ -259,40 +284,44 @@ class ChunkUpdate:
     """A move's rule update over one chunk's held entries: the single-tensor kernels of
     :mod:`hybridzo.rules` run on the chunk's flat buffers, the state buffers gathered into
     flat buffers too (zeros where a parameter has none yet; the kernels update these
-    private copies in place) and, for a commit, written back.
+    private copies in place) and, for a commit, written back (after a copy of what they
+    held, which :meth:`ZOStep.back_to_theta` writes back should the step fail).
 
     Parameters whose AdamW step counts differ are updated piece by piece, each with its own.
     """
 
     def __init__(self, step: ZOStep, chunk: Chunk, commit: bool) -> None:
-        self.chunk, self.state, self.commit = chunk, step.state, commit
+        self.step, self.commit = step, commit
         group = chunk.group
         rule = RULES[group["rule"]]
         names = rule.buffer_names(group)
         entries = [step.state[piece.param] if piece.param in step.state else {} for piece in chunk.pieces] \
             if names else []
         self.buffers: Dict[str, Optional[Tensor]] = {}
-        self._copies: Dict[str, Tuple[List[Tensor], List[Tensor]]] = {}  # name -> (state views, flat parts)
+        self._copies: List[Tuple[List[Tensor], List[Tensor]]] = []  # (state views, flat parts)
         for name in names:
-            present = [entry.get(name) is not None for entry in entries]
-            if not any(present):
+            buffers = [entry.get(name) for entry in entries]
+            if all(buffer is None for buffer in buffers):
                 self.buffers[name] = None  # an uncommitted move before the first step
                 continue
-            flat = chunk.empty() if all(present) else chunk.empty().zero_()
-            views: List[Tensor] = []
-            parts: List[Tensor] = []
-            for piece, entry, has in zip(chunk.pieces, entries, present):
-                if has:
-                    piece_views = logical_views(local_data(entry[name]), piece.local_lo, piece.local_hi)
-                    views += piece_views
-                    if not all(present):
+            flat = chunk.empty()
+            if all(buffer is not None for buffer in buffers):
+                views = chunk.state_views(name, buffers)
+                parts = flat_parts(flat, views, [v.numel() for v in views])
+            else:  # zeros where a parameter has no buffer yet
+                flat.zero_()
+                views, parts = [], []
+                for piece, buffer in zip(chunk.pieces, buffers):
+                    if buffer is not None:
+                        piece_views = logical_views(local_data(buffer), piece.local_lo, piece.local_hi)
+                        views += piece_views
                         parts += flat_parts(flat[piece.held_lo:piece.held_hi], piece_views,
                                             [v.numel() for v in piece_views])
-            if all(present):
-                parts = flat_parts(flat, views, [v.numel() for v in views])
             torch._foreach_copy_(parts, views)
+            if commit:  # (a commit created the missing buffers: all are present, parts cover flat)
+                step.backups.append((views, flat_parts(flat.clone(), parts, [p.numel() for p in parts])))
             self.buffers[name] = flat
-            self._copies[name] = (views, parts)
+            self._copies.append((views, parts))
         fresh = commit and bool(names) and all(id(piece.param) in step.fresh for piece in chunk.pieces)
         steps = [int(entry.get("step", 0)) + 1 for entry in entries] if rule.name == "adamw" else []
         if len(set(steps)) <= 1:
@@ -315,5 +344,5 @@ class ChunkUpdate:
     def write_state(self) -> None:
         """A commit: write the updated state buffers back."""
         if self.commit:
-            for views, parts in self._copies.values():
+            for views, parts in self._copies:
                 torch._foreach_copy_(views, parts)

@@ -98,6 +98,12 @@ class Chunk:
             torch._foreach_copy_(self.parts(out), self.views)
         return out
 
+    def gather_add(self, out: Tensor, flat: Tensor, alpha: float) -> Tensor:
+        """``out`` = the parameters' held entries ``+ alpha * flat``; returns ``out``."""
+        if len(self.views) == 1 and self.views[0].dim() == 1:
+            return torch.add(self.views[0], flat, alpha=alpha, out=out)  # one pass over a large tensor
+        return self.gather(out).add_(flat, alpha=alpha)
+
     def scatter(self, flat: Tensor) -> None:
         """Write the flat buffer ``flat`` into the parameters' held entries."""
         torch._foreach_copy_(self.views, self.parts(flat))
@@ -116,12 +122,12 @@ class Chunk:
             cached = self._state_views[name] = (key, views)
         return cached[1]
 
-    def held_entries(self, drawn: Tensor) -> Tensor:
-        """The held entries of a drawn chunk (a view when they are one run, else a copy)."""
+    def held_entries(self, drawn: Tensor, out: Tensor) -> Tensor:
+        """The held entries of a drawn chunk: a view when they are one run, else copied into ``out``."""
         if len(self.runs) == 1:
             lo, hi = self.runs[0]
             return drawn[lo:hi]
-        return torch.cat([drawn[lo:hi] for lo, hi in self.runs])
+        return torch.cat([drawn[lo:hi] for lo, hi in self.runs], out=out)
 
 
 class StepPlan:

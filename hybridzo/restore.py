@@ -121,7 +121,7 @@ class ExactRestore(Restore):
             if isinstance(current, Probe) and current.candidate == target.candidate:
                 # The probe in place is theta + s eps z: read its direction back from the copy
                 # instead of drawing it again (it is the perturbation the probe applied).
-                applied = chunk.gather(chunk.empty()).sub_(anchor)
+                applied = chunk.gather(step.scratch("values", chunk, chunk.held)).sub_(anchor)
                 known = (current.query, step.distribution(chunk).read_back_(applied, current.side * chunk.group["eps"]))
             moved = step.estimate(chunk, target.candidate, target.mirrored, known=known)
             update = step.update(chunk, target)
@@ -161,19 +161,21 @@ class InplaceRestore(Restore):
                 step.reached(n, target)
             return
         # A move is involved: compute the new values in a flat buffer, then write them once.
-        values = chunk.gather(chunk.empty())
+        values = step.scratch("values", chunk, chunk.held)
         grad: Optional[Tensor] = None
         if isinstance(current, Probe):
             if isinstance(target, Move) and current.candidate == target.candidate:
                 # The last probe's direction is one of the estimate's: undo it while drawing it.
                 def undo_probe(query: int, z: Tensor) -> None:
                     if query == current.query:
-                        values.add_(z, alpha=-current.side * eps)
+                        chunk.gather_add(values, z, -current.side * eps)
 
                 grad = step.estimate(chunk, target.candidate, target.mirrored, on_direction=undo_probe)
             else:
-                values.add_(step.z(chunk, current.candidate, current.query), alpha=-current.side * eps)
-        elif isinstance(current, Move):
+                chunk.gather_add(values, step.z(chunk, current.candidate, current.query), -current.side * eps)
+        else:
+            chunk.gather(values)
+        if isinstance(current, Move):
             estimate = step.estimate(chunk, current.candidate, False)
             step.update(chunk, current, commit=False).undo_(values, estimate.neg() if current.mirrored else estimate)
             if isinstance(target, Move) and target.candidate == current.candidate:

@@ -70,6 +70,14 @@ class ZOStep:
         self.backups: List[Tuple[List[Tensor], List[Tensor]]] = []
         self.entries: List[Tuple[Tensor, bool, List[str], Any]] = []
         self._coefficients: Dict[Tuple[int, int], List[float]] = {}
+        # Scratch memory of a pass over the chunks, one buffer per use, dtype and device, as long as
+        # the longest chunk (drawn with padding) it serves; released when the pass ends.
+        self._scratch: Dict[Tuple[str, torch.dtype, torch.device], Tensor] = {}
+        self._capacity: Dict[Tuple[torch.dtype, torch.device], int] = {}
+        for chunk in plan.chunks:
+            key = (chunk.dtype, chunk.device)
+            longest = max(chunk.held, DISTRIBUTIONS["rademacher"].padded_length(chunk.length))
+            self._capacity[key] = max(self._capacity.get(key, 0), longest)
         for n, chunk in enumerate(plan.chunks):
             self.restore(chunk).begin(self, n, chunk)
 
@@ -186,6 +194,7 @@ class ZOStep:
             for n, chunk in enumerate(self.plan.chunks):
                 if self.positions[n] != THETA:
                     self.restore(chunk).back_to_theta(self, n, chunk, self.positions[n])
+        self._scratch.clear()
 
     def end(self) -> None:
         self.anchors.clear()
@@ -211,6 +220,16 @@ class ZOStep:
     def keeps_state(chunk: Chunk) -> bool:
         return bool(RULES[chunk.group["rule"]].buffer_names(chunk.group))
 
+    def scratch(self, name: str, chunk: Chunk, length: int) -> Tensor:
+        """``length`` entries of scratch memory named ``name`` for ``chunk``'s dtype and device, reused
+        until the current pass over the chunks ends."""
+        key = (name, chunk.dtype, chunk.device)
+        buffer = self._scratch.get(key)
+        if buffer is None:
+            buffer = torch.empty(self._capacity[key[1:]], dtype=chunk.dtype, device=chunk.device)
+            self._scratch[key] = buffer
+        return buffer[:length]
+
     def reached(self, n: int, position: Position) -> None:
         """Chunk ``n``'s parameters now stand at ``position``."""
         self.positions[n] = position
@@ -220,18 +239,19 @@ class ZOStep:
         return ChunkUpdate(self, chunk, move.commit if commit is None else commit)
 
     def z(self, chunk: Chunk, candidate: int, query: int) -> Tensor:
-        """The held entries of chunk ``chunk`` of direction ``z_{candidate, query}`` (a new buffer)."""
+        """The held entries of chunk ``chunk`` of direction ``z_{candidate, query}`` (scratch)."""
         group, distribution = chunk.group, self.distribution(chunk)
         seed = chunk_seed(group["seed"], chunk.group_index, group["steps"], candidate, query, chunk.class_index,
                           chunk.index)
-        drawn = torch.empty(distribution.padded_length(chunk.length), dtype=chunk.dtype, device=chunk.device)
+        drawn = self.scratch("draw", chunk, distribution.padded_length(chunk.length))
         self.generated += chunk.length
-        return chunk.held_entries(self.generator.fill_(drawn, seed, chunk.length, distribution))
+        return chunk.held_entries(self.generator.fill_(drawn, seed, chunk.length, distribution),
+                                  self.scratch("held draw", chunk, chunk.held))
 
     def estimate(self, chunk: Chunk, candidate: int, mirrored: bool,
                  on_direction: Optional[Callable[[int, Tensor], None]] = None,
                  known: Optional[Tuple[int, Tensor]] = None) -> Tensor:
-        """The held entries of the estimate of ``candidate`` (negated if ``mirrored``), a new buffer.
+        """The held entries of the estimate of ``candidate`` (negated if ``mirrored``), in scratch.
 
         ``on_direction(query, z)`` sees each direction before it is used. ``known = (query, z)``
         gives that query's direction (a buffer the estimate may overwrite) instead of drawing it.
@@ -242,8 +262,10 @@ class ZOStep:
             z = known[1] if known is not None and known[0] == query else self.z(chunk, candidate, query)
             if on_direction is not None:
                 on_direction(query, z)
-            if estimate is None:
+            if len(coefficients) == 1:
                 estimate = z.mul_(coefficient)
+            elif estimate is None:
+                estimate = torch.mul(z, coefficient, out=self.scratch("estimate", chunk, chunk.held))
             else:
                 estimate.add_(z, alpha=coefficient)
         assert estimate is not None  # queries >= 1 is validated
@@ -259,15 +281,18 @@ class ZOStep:
 
     def _move_all(self, target: Position) -> None:
         # An interrupt waits for the pass to end, so it never lands between two writes of a chunk.
-        with deferred_interrupts():
-            for n, chunk in enumerate(self.plan.chunks):
-                current = self.positions[n]
-                if current == target:
-                    continue
-                if isinstance(target, Move) and target.same_point(current) and not self.keeps_state(chunk):
-                    self.positions[n] = target  # already there; a stateless commit writes nothing more
-                    continue
-                self.restore(chunk).move(self, n, chunk, current, target)
+        try:
+            with deferred_interrupts():
+                for n, chunk in enumerate(self.plan.chunks):
+                    current = self.positions[n]
+                    if current == target:
+                        continue
+                    if isinstance(target, Move) and target.same_point(current) and not self.keeps_state(chunk):
+                        self.positions[n] = target  # already there; a stateless commit writes nothing more
+                        continue
+                    self.restore(chunk).move(self, n, chunk, current, target)
+        finally:
+            self._scratch.clear()  # scratch lives for one pass, never through a forward
 
     def _coefficients_of(self, chunk: Chunk, candidate: int) -> List[float]:
         key = (chunk.group_index, candidate)
@@ -304,7 +329,7 @@ class ChunkUpdate:
             if all(buffer is None for buffer in buffers):
                 self.buffers[name] = None  # an uncommitted move before the first step
                 continue
-            flat = chunk.empty()
+            flat = step.scratch(f"state {name}", chunk, chunk.held)
             if all(buffer is not None for buffer in buffers):
                 views = chunk.state_views(name, buffers)
                 parts = flat_parts(flat, views, [v.numel() for v in views])

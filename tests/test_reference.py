@@ -101,7 +101,8 @@ def test_chunk_update_is_the_single_tensor_kernel_bit_for_bit(rule, momentum, we
         for p in params:
             if begin_update(state.setdefault(p, {}), p, group, commit=True).fresh:
                 fresh.add(id(p))
-    update = ChunkUpdate(SimpleNamespace(state=state, fresh=fresh, backups=[]), chunk, commit)
+    update = ChunkUpdate(SimpleNamespace(state=state, fresh=fresh, backups=[],
+                                             scratch=lambda name, chunk, n: torch.empty(n)), chunk, commit)
     moved = torch.empty_like(theta)
     update.apply_(moved, theta, grad.clone())
     update.write_state()

@@ -80,7 +80,7 @@ class Chunk:
     sizes: List[int]
     dtype: torch.dtype
     device: torch.device
-    _state_views: Dict[str, Tuple[Tuple[int, ...], List[Tensor]]] = field(default_factory=dict, repr=False)
+    _state_views: Dict[str, Tuple[List[Optional[Tensor]], List[Tensor]]] = field(default_factory=dict, repr=False)
 
     def empty(self) -> Tensor:
         """A flat buffer for the held entries."""
@@ -111,15 +111,14 @@ class Chunk:
     def state_views(self, name: str, buffers: List[Optional[Tensor]]) -> List[Tensor]:
         """Views of the pieces' state ``buffers`` (None: none yet) matching the held entries, in
         logical order like the parameters (whatever the buffers' own layout); cached while the
-        buffers are the same tensors (the cache holds them, so their ids stay theirs)."""
-        key = tuple(id(buffer) for buffer in buffers)
+        buffers are the same tensors."""
         cached = self._state_views.get(name)
-        if cached is None or cached[0] != key:
+        if cached is None or len(cached[0]) != len(buffers) or any(a is not b for a, b in zip(cached[0], buffers)):
             views: List[Tensor] = []
             for piece, buffer in zip(self.pieces, buffers):
                 if buffer is not None:
                     views += logical_views(local_data(buffer), piece.local_lo, piece.local_hi)
-            cached = self._state_views[name] = (key, views)
+            cached = self._state_views[name] = (list(buffers), views)
         return cached[1]
 
     def held_entries(self, drawn: Tensor, out: Tensor) -> Tensor:

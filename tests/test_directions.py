@@ -24,7 +24,7 @@ def drawn_by(slices, chunk_size, distribution, dtype, monkeypatch, class_index=0
     for chunk in _class_chunks(group, WORDS[1], class_index, slices, dtype, torch.device("cpu")):
         buffer = torch.empty(kind.padded_length(chunk.length), dtype=dtype)
         seed = chunk_seed(WORDS[0], WORDS[1], WORDS[2], WORDS[3], WORDS[4], class_index, chunk.index)
-        held = chunk.held_entries(generator.fill_(buffer, seed, chunk.length, kind))
+        held = chunk.held_entries(generator.fill_(buffer, seed, chunk.length, kind), chunk.empty())
         for piece in chunk.pieces:
             index = next(i for i, s in enumerate(slices) if s.param is piece.param)
             out[index][piece.local_lo:piece.local_hi] = held[piece.held_lo:piece.held_hi]

@@ -185,3 +185,18 @@ def test_the_plan_is_reused_while_nothing_changes_and_rebuilt_when_something_doe
     step()
     assert opt._zo_plan is not plan
     assert copy.deepcopy(opt)._zo_plan is None  # the plan is a cache, not state
+
+
+def test_a_state_buffer_replaced_between_steps_is_the_one_the_step_uses():
+    p = torch.nn.Parameter(torch.randn(6, dtype=torch.float64))
+    opt = HybridZOOptimizer([p], lr=0.1, momentum=0.9, seed=0)
+    for _ in range(2):
+        opt.step(lambda: loss_of([p]))
+    opt.state[p]["momentum_buffer"] = torch.full((6,), 5.0, dtype=torch.float64)  # as a user or a loader might
+    twin = torch.nn.Parameter(p.detach().clone())
+    fresh = HybridZOOptimizer([twin], lr=0.1, momentum=0.9, seed=0)
+    fresh.load_state_dict(copy.deepcopy(opt.state_dict()))
+    opt.step(lambda: loss_of([p]))
+    fresh.step(lambda: loss_of([twin]))
+    assert torch.equal(p.detach(), twin.detach())
+    assert torch.equal(opt.state[p]["momentum_buffer"], fresh.state[twin]["momentum_buffer"])

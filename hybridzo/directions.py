@@ -2,15 +2,22 @@
 
 A zeroth-order step needs the same direction ``z`` several times (to perturb the
 parameters before each probe and again to build the update). Storing ``z`` would cost
-a copy of every ZO parameter, so it is regenerated instead, from a seed derived from
-``(group seed, group index, step, candidate, query, tensor index)``.
+a copy of every ZO parameter, so it is regenerated instead.
 
-Each tensor's direction is defined over its flattened index space, cut into chunks of
-:func:`chunk_elements` entries; chunk ``c`` is drawn from a private generator seeded
-with ``mix_seed(tensor seed, c)``. So a process that holds only a slice of a tensor
-(a shard under FSDP2) draws only the chunks that cover its slice, and the union over
-processes is exactly the direction one process draws for the whole tensor, whatever
-the number of processes. Chunks also bound the scratch memory of a step: one chunk,
+**The direction stream.** For ZO param group ``g`` (seed ``S``, step count ``T``),
+candidate ``k`` and query ``i``, the group's tensors are split into *classes* by
+``(dtype, device)``, numbered by first appearance in group order. A class's *virtual
+vector* is the concatenation, in group order, of its tensors' entries in logical
+row-major order (whatever their memory layout; for an FSDP2 shard, the global indices
+of the local rows). It is cut into chunks of :func:`chunk_elements` entries; chunk ``c``
+(``L_c`` entries, the last may be short) is drawn by :meth:`Distribution.fill_` from a
+private generator seeded with :func:`chunk_seed` ``(S, g, T, k, i, class, c)``.
+
+So one generator call draws the directions of many small tensors at once, a process
+that holds only a slice of a tensor (an FSDP2 shard) draws the chunks that cover its
+slice and the union over processes is exactly what one process draws (whatever the
+number of processes), replicas (DDP) draw the same, and a resumed run draws what the
+uninterrupted one would. Chunks also bound the scratch memory of a step: one chunk,
 never a tensor-sized temporary.
 
 Two distributions, both with ``E[z z^T] = I`` (so the ZO estimators stay unbiased):
@@ -33,6 +40,7 @@ from torch import Tensor
 
 __all__ = [
     "mix_seed",
+    "chunk_seed",
     "chunk_elements",
     "Distribution",
     "Gaussian",
@@ -67,6 +75,13 @@ def mix_seed(*words: int) -> int:
     for word in words:
         state = _splitmix64(state ^ (int(word) & _MASK64))
     return state >> 1
+
+
+def chunk_seed(seed: int, group_index: int, steps: int, candidate: int, query: int, class_index: int,
+               chunk: int) -> int:
+    """The seed of chunk ``chunk`` of class ``class_index`` of group ``group_index``'s direction
+    ``z_{candidate, query}`` at step ``steps`` (group seed ``seed``)."""
+    return mix_seed(seed, group_index, steps, candidate, query, class_index, chunk)
 
 
 def chunk_elements(device: torch.device) -> int:
@@ -145,20 +160,18 @@ DISTRIBUTIONS: Dict[str, Distribution] = {d.name: d for d in (Gaussian(), Radema
 
 
 class DirectionGenerator:
-    """Draws chunks of directions from integer seeds with one private generator per device.
+    """Draws direction chunks from integer seeds with one private generator per device.
 
     The generators are reseeded before every draw, so a chunk depends only on
-    ``(seed, chunk index, length, distribution, dtype, device type)``. They are a cache,
-    not state: they are rebuilt after pickling.
+    ``(seed, length, distribution, dtype, device type)``. They are a cache, not state:
+    they are rebuilt after pickling.
     """
 
     def __init__(self) -> None:
         self._generators: Dict[torch.device, torch.Generator] = {}
 
-    def fill_(
-        self, out: Tensor, seed: int, chunk: int, length: int, distribution: Distribution
-    ) -> Tensor:
-        """Draw chunk ``chunk`` (``length`` entries) of the direction seeded by ``seed`` into ``out``.
+    def fill_(self, out: Tensor, seed: int, length: int, distribution: Distribution) -> Tensor:
+        """Draw the chunk of ``length`` entries seeded by ``seed`` (see :func:`chunk_seed`) into ``out``.
 
         ``out`` must hold ``distribution.padded_length(length)`` entries; returns the
         ``length`` drawn entries (a view of ``out``).
@@ -167,5 +180,5 @@ class DirectionGenerator:
         if generator is None:
             generator = torch.Generator(device=out.device)
             self._generators[out.device] = generator
-        generator.manual_seed(mix_seed(seed, chunk))
+        generator.manual_seed(seed)
         return distribution.fill_(out, length, generator)

@@ -17,7 +17,6 @@ from .directions import DirectionGenerator
 from .distributed import RankAgreement
 from .first_order import FirstOrderStep, any_sharded, check_implementation, initial_fo_state
 from .interrupts import deferred_interrupts
-from .journal import Journal
 from .options import (
     COUNTER_KEYS,
     HYPERPARAMETERS,
@@ -30,6 +29,7 @@ from .options import (
     normalize_counters,
     normalize_options,
 )
+from .plan import StepPlan, plan_key
 from .rules import RULES, check_state, initial_state
 from .sharding import is_prepared, is_sharded, local_data, local_slice
 from .zo_step import ZOStep
@@ -187,6 +187,7 @@ class HybridZOOptimizer(Optimizer):
         self._agreed_groups: List[Group] = []
         self._constant_loss = ConstantLossWatch()
         self._fo_checked: Dict[int, Tuple[Any, ...]] = {}
+        self._zo_plan: Optional[StepPlan] = None
         self.last_step_info: Dict[str, Any] = {}
         super().__init__(params, defaults)
 
@@ -207,6 +208,7 @@ class HybridZOOptimizer(Optimizer):
         self.__dict__.setdefault("_constant_loss", ConstantLossWatch())
         self.__dict__.setdefault("_fo_checked", {})
         self._agreed_groups = []
+        self._zo_plan = None
 
     # ---------------------------------------------------------------- entry points
 
@@ -382,9 +384,8 @@ class HybridZOOptimizer(Optimizer):
         zo_groups, fo_groups = self._prepare_step(has_closure=True)
         runner = ClosureRunner(closure, CommonRandomNumbers(p.device for g in self.param_groups
                                                             for p in g["params"]), self._agree_across_ranks())
-        journal = Journal(self.state)
         grads_before = [(p, p.grad) for g in self.param_groups for p in g["params"]]
-        zo = ZOStep(zo_groups, runner, self.state, journal, self._directions) if zo_groups else None
+        zo = ZOStep(zo_groups, runner, self.state, self._directions, self._plan(zo_groups)) if zo_groups else None
         loss: Optional[float] = None
         chosen: Optional[str] = None
         skipped = committed = False
@@ -413,7 +414,6 @@ class HybridZOOptimizer(Optimizer):
             self._advance_counters(skipped=True)
         except BaseException:
             if not committed:
-                journal.rollback()
                 if zo is not None:
                     zo.back_to_theta()
                 for p, grad in grads_before:
@@ -482,6 +482,13 @@ class HybridZOOptimizer(Optimizer):
             group.update(options)
         zo_groups = [(i, self.param_groups[i]) for i in zo_indices]
         return zo_groups, [g for g in self.param_groups if g["mode"] == "fo"]
+
+    def _plan(self, zo_groups: List[Tuple[int, Group]]) -> StepPlan:
+        """The chunks of the ZO groups: the last step's, unless the groups or their tensors changed."""
+        key = plan_key(zo_groups)
+        if self._zo_plan is None or self._zo_plan.key != key:
+            self._zo_plan = StepPlan(zo_groups, key)
+        return self._zo_plan
 
     def _refuse_grad_scaler(self, closure: Optional[Closure]) -> None:
         """Refuse ``torch.amp.GradScaler.step`` wherever it cannot work exactly.

@@ -4,10 +4,14 @@ During a step every ZO tensor is at one *position* relative to its pre-step valu
 :math:`\theta`: :data:`THETA` itself, a :class:`Probe` :math:`\theta + s\,\epsilon z_{ki}`
 (``side`` :math:`s = \pm 1`), or a :class:`Move`: the group's rule applied to
 :math:`\pm\hat g_k` (a candidate update, tried or committed). A restore strategy
-moves a tensor from one position to another, one direction chunk at a time:
+moves the parameters one direction chunk (:class:`~hybridzo.plan.Chunk`) at a time from
+one position to another, computing each chunk's new values in a flat buffer and writing
+them into the parameters once, so that a failure leaves every chunk at one position or
+the next, never between (the step records which, and a failure returns each from where
+it is):
 
-* :class:`ExactRestore` (``restore="exact"``) keeps a copy of the tensor for the step
-  (the *anchor*) and writes every position from it, so the step ends changed by exactly
+* :class:`ExactRestore` (``restore="exact"``) keeps a copy of the chunk's entries for the
+  step (the *anchor*, one flat buffer per chunk) and writes every position from it, so the step ends changed by exactly
   the chosen update, bit for bit. The mirrored probe :math:`\theta - \epsilon z` is
   computed from the current one as :math:`2\theta - (\theta + \epsilon z)`, and a move
   made right after a probe reads the probe's direction back as
@@ -20,22 +24,20 @@ moves a tensor from one position to another, one direction chunk at a time:
   undo fused with the update). Every undo rounds, a few ulps per probe.
 
 The step (:mod:`hybridzo.zo_step`) supplies the directions: ``z`` for a probe,
-the estimate :math:`\hat g_k` for a move, and the rule :class:`~hybridzo.rules.Update`
-of a move.
+the estimate :math:`\hat g_k` for a move, and the rule update of a move.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Union
 
 import torch
 from torch import Tensor
 
-from .sharding import LocalSlice, Span
+from .plan import Chunk
 
-__all__ = ["Theta", "THETA", "Probe", "Move", "Position", "ZOTensor", "Restore", "ExactRestore",
-           "InplaceRestore", "RESTORES"]
+__all__ = ["Theta", "THETA", "Probe", "Move", "Position", "Restore", "ExactRestore", "InplaceRestore", "RESTORES"]
 
 
 @dataclass(frozen=True)
@@ -77,171 +79,124 @@ class Move:
 Position = Union[Theta, Probe, Move]
 
 
-@dataclass
-class ZOTensor:
-    """A ZO parameter within one step.
-
-    Attributes:
-        slice: its local flat data and place in the whole tensor.
-        group, group_index, tensor_index: its param group and the indices seeds derive from.
-        spans: the direction chunks covering ``slice``.
-        restore: how it moves between positions.
-        position: where it stands now.
-        anchor: ``restore="exact"``'s copy of the local data.
-        moving: during an in-place move, ``(from, to, spans done, position of the span in progress)``.
-    """
-
-    slice: LocalSlice
-    group: Dict[str, Any]
-    group_index: int
-    tensor_index: int
-    spans: List[Span]
-    restore: "Restore"
-    position: Position = THETA
-    anchor: Optional[Tensor] = None
-    moving: Optional[Tuple[Position, Position, int, Position]] = field(default=None, repr=False)
-
-    def view(self, span: Span, of: Optional[Tensor] = None) -> Tensor:
-        return (self.slice.flat if of is None else of)[span.local_lo:span.local_hi]
-
-
 class Restore:
-    """Moves ZO tensors between positions; ``step`` supplies directions, estimates and rule updates."""
+    """Moves a chunk's entries between positions; ``step`` (:class:`~hybridzo.zo_step.ZOStep`)
+    supplies directions, estimates and rule updates and records where each chunk stands."""
 
-    def begin(self, t: ZOTensor) -> None:
-        """Prepare ``t`` (at theta) for the step."""
+    def begin(self, step: Any, n: int, chunk: Chunk) -> None:
+        """Prepare chunk ``n`` (at theta) for the step."""
 
-    def move(self, step: Any, t: ZOTensor, target: Position) -> None:
-        """Move ``t`` from its position to ``target``."""
+    def move(self, step: Any, n: int, chunk: Chunk, current: Position, target: Position) -> None:
+        """Move chunk ``n`` from ``current`` to ``target``, recording each position it reaches
+        with ``step.reached(n, position)``."""
         raise NotImplementedError
 
-    def back_to_theta(self, step: Any, t: ZOTensor) -> None:
-        """Return ``t`` to theta from wherever a failure left it (optimizer state already restored)."""
+    def back_to_theta(self, step: Any, n: int, chunk: Chunk, current: Position) -> None:
+        """Return chunk ``n`` to theta from ``current`` after a failure (optimizer state already
+        restored)."""
         raise NotImplementedError
-
-    def end(self, t: ZOTensor) -> None:
-        """The step is over."""
 
 
 class ExactRestore(Restore):
     """Every position written from a copy of theta: exact, at the price of that copy."""
 
-    def begin(self, t: ZOTensor) -> None:
-        t.anchor = t.slice.flat.clone()
+    def begin(self, step: Any, n: int, chunk: Chunk) -> None:
+        step.anchors[n] = chunk.gather(chunk.empty())
 
-    def move(self, step: Any, t: ZOTensor, target: Position) -> None:
-        current = t.position
-        if isinstance(target, Move) and target.same_point(current) and not step.keeps_state(t):
-            t.position = target  # already there; a stateless commit writes nothing more
-            return
-        update = step.update(t, target) if isinstance(target, Move) else None
-        for span in t.spans:
-            param, anchor = t.view(span), t.view(span, t.anchor)
-            if isinstance(target, Theta):
-                param.copy_(anchor)
-            elif isinstance(target, Probe):
-                if isinstance(current, Probe) and (current.candidate, current.query, current.side) == (
-                    target.candidate, target.query, -target.side
-                ):
-                    param.lerp_(anchor, 2.0)  # 2 theta - (theta + s eps z) = theta - s eps z
-                else:
-                    z = step.z(t, target.candidate, target.query, span)
-                    torch.add(anchor, z, alpha=target.side * t.group["eps"], out=param)
+    def move(self, step: Any, n: int, chunk: Chunk, current: Position, target: Position) -> None:
+        anchor = step.anchors[n]
+        if isinstance(target, Theta):
+            chunk.scatter(anchor)
+        elif isinstance(target, Probe):
+            if isinstance(current, Probe) and (current.candidate, current.query, current.side) == (
+                target.candidate, target.query, -target.side
+            ):
+                # 2 theta - (theta + s eps z) = theta - s eps z, without drawing z again
+                torch._foreach_lerp_(chunk.views, chunk.parts(anchor), 2.0)
             else:
-                known = None
-                if isinstance(current, Probe) and current.candidate == target.candidate:
-                    # The probe in place is theta + s eps z: read its direction back from the copy
-                    # instead of drawing it again (it is the perturbation the probe applied).
-                    applied = torch.sub(param, anchor, out=step.scratch("applied", t, param.numel()))
-                    z = step.distribution(t).read_back_(applied, current.side * t.group["eps"])
-                    known = (current.query, z)
-                grad = step.estimate(t, target.candidate, span, target.mirrored, known=known)
-                update.apply_(param, anchor, grad, span.local_lo, span.local_hi)
-        step.finish_update(t, update)
-        t.position = target
+                z = step.z(chunk, target.candidate, target.query)
+                chunk.scatter(torch.add(anchor, z, alpha=target.side * chunk.group["eps"], out=z))
+        else:
+            known = None
+            if isinstance(current, Probe) and current.candidate == target.candidate:
+                # The probe in place is theta + s eps z: read its direction back from the copy
+                # instead of drawing it again (it is the perturbation the probe applied).
+                applied = chunk.gather(step.scratch("values", chunk, chunk.held)).sub_(anchor)
+                known = (current.query, step.distribution(chunk).read_back_(applied, current.side * chunk.group["eps"]))
+            moved = step.estimate(chunk, target.candidate, target.mirrored, known=known)
+            update = step.update(chunk, target)
+            update.apply_(moved, anchor, moved)  # the estimate is read before the moved value overwrites it
+            if not target.same_point(current):
+                chunk.scatter(moved)
+            step.reached(n, target)
+            update.write_state()
+            return
+        step.reached(n, target)
 
-    def back_to_theta(self, step: Any, t: ZOTensor) -> None:
-        t.slice.flat.copy_(t.anchor)
-        t.position = THETA
-
-    def end(self, t: ZOTensor) -> None:
-        t.anchor = None
+    def back_to_theta(self, step: Any, n: int, chunk: Chunk, current: Position) -> None:
+        chunk.scatter(step.anchors[n])
+        step.reached(n, THETA)
 
 
 class InplaceRestore(Restore):
     """Positions reached by undoing the current one in place: no copy, a few ulps per undo."""
 
-    def move(self, step: Any, t: ZOTensor, target: Position) -> None:
-        current = t.position
-        if isinstance(target, Move) and target.same_point(current) and not step.keeps_state(t):
-            t.position = target
+    def move(self, step: Any, n: int, chunk: Chunk, current: Position, target: Position) -> None:
+        eps = chunk.group["eps"]
+        if not isinstance(current, Move) and not isinstance(target, Move):
+            if isinstance(current, Probe) and isinstance(target, Probe) and (
+                (current.candidate, current.query) == (target.candidate, target.query)
+            ):
+                z = step.z(chunk, target.candidate, target.query)
+                torch._foreach_add_(chunk.views, chunk.parts(z), alpha=(target.side - current.side) * eps)  # MeZO's -2 eps
+                step.reached(n, target)
+                return
+            if isinstance(current, Probe):
+                z = step.z(chunk, current.candidate, current.query)
+                torch._foreach_add_(chunk.views, chunk.parts(z), alpha=-current.side * eps)
+                step.reached(n, THETA)
+            if isinstance(target, Probe):
+                z = step.z(chunk, target.candidate, target.query)
+                torch._foreach_add_(chunk.views, chunk.parts(z), alpha=target.side * eps)
+                step.reached(n, target)
             return
-        undo = step.update(t, current, commit=False) if isinstance(current, Move) else None
-        update = step.update(t, target) if isinstance(target, Move) else None
-        for index, span in enumerate(t.spans):
-            t.moving = (current, target, index, current)
-            self._move_span(step, t, span, current, target, undo, update)
-        t.moving = None
-        step.finish_update(t, update)
-        t.position = target
-
-    def back_to_theta(self, step: Any, t: ZOTensor) -> None:
-        if t.moving is None:
-            positions = [t.position] * len(t.spans)
-        else:
-            current, target, done, in_progress = t.moving
-            positions = [target] * done + [in_progress] + [current] * (len(t.spans) - done - 1)
-        for span, position in zip(t.spans, positions):
-            if not isinstance(position, Theta):
-                undo = step.update(t, position, commit=False) if isinstance(position, Move) else None
-                self._move_span(step, t, span, position, THETA, undo, None)
-        t.moving = None
-        t.position = THETA
-
-    def _move_span(self, step: Any, t: ZOTensor, span: Span, current: Position, target: Position,
-                   undo: Any, update: Any) -> None:
-        param = t.view(span)
-        eps = t.group["eps"]
-
-        def reached_theta() -> None:  # for back_to_theta, should this span's move fail from here on
-            if t.moving is not None:
-                t.moving = (*t.moving[:3], THETA)
-
-        if isinstance(current, Probe) and isinstance(target, Probe) and (
-            (current.candidate, current.query) == (target.candidate, target.query)
-        ):
-            z = step.z(t, target.candidate, target.query, span)
-            param.add_(z, alpha=(target.side - current.side) * eps)  # MeZO's -2 eps: one draw
-            return
-        if isinstance(current, Probe) and isinstance(target, Move) and current.candidate == target.candidate:
-            # The last probe's direction is one of the estimate's: undo it while drawing it.
-            def undo_probe(query: int, z: Tensor) -> None:
-                if query == current.query:
-                    param.add_(z, alpha=-current.side * eps)
-                    reached_theta()
-
-            grad = step.estimate(t, target.candidate, span, target.mirrored, on_direction=undo_probe)
-            update.apply_(param, param, grad, span.local_lo, span.local_hi)
-            return
-        if isinstance(current, Move) and isinstance(target, Move) and current.candidate == target.candidate:
-            grad = step.estimate(t, target.candidate, span, False)
-            undo.undo_(param, grad.neg() if current.mirrored else grad, span.local_lo, span.local_hi)
-            reached_theta()
-            update.apply_(param, param, grad.neg_() if target.mirrored else grad, span.local_lo, span.local_hi)
-            return
+        # A move is involved: compute the new values in a flat buffer, then write them once.
+        values = step.scratch("values", chunk, chunk.held)
+        grad: Optional[Tensor] = None
         if isinstance(current, Probe):
-            z = step.z(t, current.candidate, current.query, span)
-            param.add_(z, alpha=-current.side * eps)
-        elif isinstance(current, Move):
-            undo.undo_(param, step.estimate(t, current.candidate, span, current.mirrored),
-                       span.local_lo, span.local_hi)
-        reached_theta()
+            if isinstance(target, Move) and current.candidate == target.candidate:
+                # The last probe's direction is one of the estimate's: undo it while drawing it.
+                def undo_probe(query: int, z: Tensor) -> None:
+                    if query == current.query:
+                        chunk.gather_add(values, z, -current.side * eps)
+
+                grad = step.estimate(chunk, target.candidate, target.mirrored, on_direction=undo_probe)
+            else:
+                chunk.gather_add(values, step.z(chunk, current.candidate, current.query), -current.side * eps)
+        else:
+            chunk.gather(values)
+        if isinstance(current, Move):
+            estimate = step.estimate(chunk, current.candidate, False)
+            step.update(chunk, current, commit=False).undo_(values, estimate.neg() if current.mirrored else estimate)
+            if isinstance(target, Move) and target.candidate == current.candidate:
+                grad = estimate.neg_() if target.mirrored else estimate
+        if isinstance(target, Move):
+            if grad is None:
+                grad = step.estimate(chunk, target.candidate, target.mirrored)
+            update = step.update(chunk, target)
+            update.apply_(grad, values, grad)
+            if not target.same_point(current):  # a commit of the trial in place keeps its values
+                chunk.scatter(grad)
+            step.reached(n, target)
+            update.write_state()
+            return
         if isinstance(target, Probe):
-            z = step.z(t, target.candidate, target.query, span)
-            param.add_(z, alpha=target.side * eps)
-        elif isinstance(target, Move):
-            grad = step.estimate(t, target.candidate, span, target.mirrored)
-            update.apply_(param, param, grad, span.local_lo, span.local_hi)
+            values.add_(step.z(chunk, target.candidate, target.query), alpha=target.side * eps)
+        chunk.scatter(values)
+        step.reached(n, target)
+
+    def back_to_theta(self, step: Any, n: int, chunk: Chunk, current: Position) -> None:
+        self.move(step, n, chunk, current, THETA)
 
 
 RESTORES: Dict[str, Restore] = {"exact": ExactRestore(), "inplace": InplaceRestore()}

@@ -55,6 +55,8 @@ class Update:
         fresh: the buffers were created for this (committed) move: its first step.
         step: the step number this move takes (AdamW's bias correction).
         commit: whether the kernels write the state buffers.
+        private: the buffers are the move's own copies (a ZO chunk's gathered state): an
+            uncommitted move may update them in place instead of copying them first.
     """
 
     rule: "Rule"
@@ -63,6 +65,7 @@ class Update:
     fresh: bool
     step: int
     commit: bool
+    private: bool = False
 
     def views(self, lo: int, hi: int) -> Dict[str, Optional[Tensor]]:
         return {k: None if v is None else v[lo:hi] for k, v in self.buffers.items()}
@@ -126,7 +129,7 @@ class SGD(Rule):
                 pass  # an uncommitted first step: the buffer would be a copy of grad
             elif update.fresh:
                 grad = buf.copy_(grad)
-            elif update.commit:
+            elif update.commit or update.private:
                 grad = buf.mul_(group["momentum"]).add_(grad)
             else:
                 grad = buf.mul(group["momentum"]).add_(grad)
@@ -156,7 +159,7 @@ class AdamW(Rule):
         exp_avg, exp_avg_sq = buffers["exp_avg"], buffers["exp_avg_sq"]
         if exp_avg is None or exp_avg_sq is None:
             exp_avg, exp_avg_sq = torch.zeros_like(grad), torch.zeros_like(grad)
-        elif not update.commit:
+        elif not (update.commit or update.private):
             exp_avg, exp_avg_sq = exp_avg.clone(), exp_avg_sq.clone()
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)

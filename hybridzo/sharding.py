@@ -6,7 +6,9 @@ is a contiguous range of the tensor's flattened (row-major) index space. Update 
 are elementwise, so they run on the local data of parameter, gradient and state alike;
 ZO directions are drawn for the global index range of the local rows
 (:mod:`hybridzo.directions`), so a sharded run draws exactly the directions an
-unsharded one does.
+unsharded one does. :func:`logical_views` reaches a range of a tensor's logical
+(row-major) entries whatever its memory layout, so a transposed or ``channels_last``
+tensor takes the same direction entries as a contiguous one with the same values.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LocalSlice", "Span", "local_data", "flat_view", "is_sharded", "local_slice", "prepare_fsdp",
+__all__ = ["LocalSlice", "local_data", "flat_view", "logical_views", "is_sharded", "local_slice", "prepare_fsdp",
            "is_prepared"]
 
 
@@ -127,51 +129,52 @@ def flat_view(tensor: Tensor) -> Tensor:
     return permuted.view(-1)
 
 
-@dataclass(frozen=True)
-class Span:
-    """Where chunk ``chunk`` of a direction meets this process's slice.
+def logical_views(tensor: Tensor, lo: int, hi: int) -> List[Tensor]:
+    """Views of ``tensor`` that hold, one after the other (each in row-major order), its entries
+    ``[lo, hi)`` in logical row-major order, whatever its strides.
 
-    Attributes:
-        chunk: index of the chunk in the tensor's flattened index space.
-        length: entries in the whole chunk (the last chunk may be short).
-        lo, hi: the entries of the chunk that fall in the slice (``[lo, hi)`` within the chunk).
-        local_lo, local_hi: the same entries as positions in the local flat view.
+    One view for a contiguous tensor; otherwise at most ``2 * tensor.dim() - 1``: the partial
+    row before the first whole row of dim 0, the whole rows, the partial row after them (the
+    partial rows split the same way, one dim down).
     """
-
-    chunk: int
-    length: int
-    lo: int
-    hi: int
-    local_lo: int
-    local_hi: int
+    if hi <= lo:
+        return []
+    if tensor.is_contiguous():
+        return [tensor.view(-1)[lo:hi]]
+    row = tensor.numel() // tensor.shape[0]
+    if lo % row == 0 and hi % row == 0:
+        return [tensor[lo // row:hi // row]]
+    views: List[Tensor] = []
+    if lo % row:
+        first = lo // row
+        end = min(hi, (first + 1) * row)
+        views += logical_views(tensor[first], lo - first * row, end - first * row)
+        lo = end
+    whole_end = hi // row * row
+    if lo < whole_end:
+        views.append(tensor[lo // row:whole_end // row])
+        lo = whole_end
+    if lo < hi:
+        last = lo // row
+        views += logical_views(tensor[last], lo - last * row, hi - last * row)
+    return views
 
 
 @dataclass
 class LocalSlice:
-    """A parameter's local flat data and its place in the global flattened index space.
+    """A parameter's local data and its place in the global (logical, row-major) index space.
 
     Attributes:
         param: the parameter (a plain tensor or a DTensor).
-        flat: 1-D view of the local data.
-        start: global flat index of ``flat[0]``.
+        local: the local data (the whole tensor, or a DTensor's local rows), detached.
+        start: global logical index of the first local entry.
         numel: entries of the whole (global) tensor.
     """
 
     param: Tensor
-    flat: Tensor
+    local: Tensor
     start: int
     numel: int
-
-    def spans(self, chunk_size: int) -> List[Span]:
-        """The chunks of size ``chunk_size`` that overlap ``[start, start + len(flat))``."""
-        end = self.start + self.flat.numel()
-        spans = []
-        for chunk in range(self.start // chunk_size, -(-end // chunk_size)):
-            first = chunk * chunk_size
-            length = min(chunk_size, self.numel - first)
-            lo, hi = max(self.start, first) - first, min(end, first + length) - first
-            spans.append(Span(chunk, length, lo, hi, first + lo - self.start, first + hi - self.start))
-        return spans
 
 
 def local_slice(param: Tensor) -> LocalSlice:
@@ -182,7 +185,8 @@ def local_slice(param: Tensor) -> LocalSlice:
             (its local entries are then not one contiguous range of the flattened tensor).
     """
     if not is_sharded(param):
-        return LocalSlice(param, flat_view(param.detach()), 0, param.numel())
+        flat_view(param.detach())  # refuses memory that is not dense (overlapping entries, gaps)
+        return LocalSlice(param, param.detach(), 0, param.numel())
     from torch.distributed.tensor import Replicate, Shard
 
     shard_dims = [p.dim for p in param.placements if isinstance(p, Shard)]
@@ -202,4 +206,4 @@ def local_slice(param: Tensor) -> LocalSlice:
 
         _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
         start = offset[0] * math.prod(param.shape[1:])
-    return LocalSlice(param, local.detach().view(-1), start, param.numel())
+    return LocalSlice(param, local.detach(), start, param.numel())

@@ -17,23 +17,30 @@ Group :math:`g`'s estimate for candidate :math:`k` is
 :math:`\hat g_{k,g} = \frac{1}{q}\sum_i \frac{d_{ki}}{\epsilon_g} z_{ki,g}` (``sign="scalar"``:
 :math:`\operatorname{sign}(d_{ki})` instead of :math:`d_{ki}/\epsilon_g`; ``sign="coordinate"``:
 the element-wise sign of :math:`\hat g`), built one direction chunk at a time.
+
+The work is done per chunk of the step's :class:`~hybridzo.plan.StepPlan` (many small
+tensors share a chunk): one generator call per direction chunk, a few operations on
+flat buffers, and one ``torch._foreach_*`` operation wherever the parameters or their
+state are read or written. :mod:`hybridzo.reference` computes the same step one tensor
+at a time.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, MutableMapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, MutableMapping, Optional, Set, Tuple
 
 import torch
 from torch import Tensor
 
 from .closure import ClosureRunner
-from .directions import DISTRIBUTIONS, DirectionGenerator, Distribution, chunk_elements, mix_seed
-from .journal import Journal
-from .restore import RESTORES, THETA, Move, Position, Probe, Theta, ZOTensor
-from .rules import RULES, Update, begin_update, finish
-from .sharding import Span, local_slice
+from .directions import DISTRIBUTIONS, DirectionGenerator, Distribution, chunk_seed
+from .interrupts import deferred_interrupts
+from .plan import Chunk, StepPlan, flat_parts
+from .restore import RESTORES, THETA, Move, Position, Probe, Restore, Theta
+from .rules import RULES, Update
+from .sharding import local_data, logical_views
 
-__all__ = ["ZOStep"]
+__all__ = ["ZOStep", "ChunkUpdate"]
 
 
 class ZOStep:
@@ -43,34 +50,36 @@ class ZOStep:
         zo_groups: ``(index, group)`` of every ZO param group (their step-wide keys agree).
         runner: calls the closure.
         state: the optimizer's per-parameter state.
-        journal: keeps what a commit overwrites.
         generator: draws direction chunks.
+        plan: the chunks of ``zo_groups`` (see :class:`~hybridzo.plan.StepPlan`).
     """
 
     def __init__(self, zo_groups: List[Tuple[int, Dict[str, Any]]], runner: ClosureRunner,
-                 state: MutableMapping[Tensor, Dict[str, Any]], journal: Journal,
-                 generator: DirectionGenerator) -> None:
+                 state: MutableMapping[Tensor, Dict[str, Any]], generator: DirectionGenerator,
+                 plan: StepPlan) -> None:
         self.settings = zo_groups[0][1]
-        self.runner, self.state, self.journal, self.generator = runner, state, journal, generator
-        self.tensors: List[ZOTensor] = []
-        for group_index, group in zo_groups:
-            for tensor_index, param in enumerate(group["params"]):
-                piece = local_slice(param)
-                spans = piece.spans(chunk_elements(piece.flat.device))
-                self.tensors.append(ZOTensor(piece, group, group_index, tensor_index, spans,
-                                             RESTORES[group["restore"]]))
+        self.zo_groups = zo_groups
+        self.runner, self.state, self.generator, self.plan = runner, state, generator, plan
+        self.positions: List[Position] = [THETA] * len(plan.chunks)
+        self.anchors: Dict[int, Tensor] = {}  # restore="exact": chunk number -> flat copy of theta
         self.differences: List[List[float]] = []
         self.generated = 0
+        self.fresh: Set[int] = set()  # ids of parameters whose rule buffers this commit creates
+        # What a commit overwrites, until the step ends: (state views, their former values) per chunk
+        # and buffer, and (parameter, whether it had a state entry, buffers created, former step).
+        self.backups: List[Tuple[List[Tensor], List[Tensor]]] = []
+        self.entries: List[Tuple[Tensor, bool, List[str], Any]] = []
         self._coefficients: Dict[Tuple[int, int], List[float]] = {}
+        # Scratch memory of a pass over the chunks, one buffer per use, dtype and device, as long as
+        # the longest chunk (drawn with padding) it serves; released when the pass ends.
         self._scratch: Dict[Tuple[str, torch.dtype, torch.device], Tensor] = {}
-        # One scratch buffer per use, dtype and device, as long as the longest chunk it serves.
         self._capacity: Dict[Tuple[torch.dtype, torch.device], int] = {}
-        for t in self.tensors:
-            key = (t.slice.flat.dtype, t.slice.flat.device)
-            padded = DISTRIBUTIONS[t.group["distribution"]].padded_length
-            longest = max((padded(span.length) for span in t.spans), default=0)
+        for chunk in plan.chunks:
+            key = (chunk.dtype, chunk.device)
+            longest = max(chunk.held, DISTRIBUTIONS["rademacher"].padded_length(chunk.length))
             self._capacity[key] = max(self._capacity.get(key, 0), longest)
-            t.restore.begin(t)
+        for n, chunk in enumerate(plan.chunks):
+            self.restore(chunk).begin(self, n, chunk)
 
     # ------------------------------------------------------------ the algorithm
 
@@ -144,84 +153,123 @@ class ZOStep:
 
     def commit(self, choice: Position) -> None:
         """Move to the chosen candidate and write its optimizer state (theta: write nothing)."""
-        target = choice if isinstance(choice, Theta) else Move(choice.candidate, choice.mirrored, commit=True)
-        self._move_all(target)
+        if isinstance(choice, Theta):
+            self._move_all(THETA)
+            return
+        stateful = [(group, p) for _, group in self.zo_groups for p in group["params"]
+                    if RULES[group["rule"]].buffer_names(group)]
+        for group, p in stateful:  # every buffer exists before the first chunk writes
+            names = RULES[group["rule"]].buffer_names(group)
+            existed = p in self.state
+            entry = self.state[p]
+            missing = [name for name in names if entry.get(name) is None]
+            self.entries.append((p, existed, missing, entry.get("step")))
+            for name in missing:
+                entry[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if len(missing) == len(names):
+                self.fresh.add(id(p))
+        self._move_all(Move(choice.candidate, choice.mirrored, commit=True))
+        for group, p in stateful:
+            if group["rule"] == "adamw":
+                self.state[p]["step"] = int(self.state[p].get("step", 0)) + 1
 
     def back_to_theta(self) -> None:
-        """After a failure: every ZO tensor back to theta (optimizer state already restored)."""
-        for t in self.tensors:
-            t.restore.back_to_theta(self, t)
+        """After a failure: the optimizer state a commit wrote as it was, every chunk back to theta."""
+        with deferred_interrupts():
+            for views, saved in reversed(self.backups):
+                torch._foreach_copy_(views, saved)
+            for p, existed, missing, step_count in self.entries:
+                if not existed:
+                    self.state.pop(p, None)
+                    continue
+                entry = self.state[p]
+                for name in missing:
+                    entry.pop(name, None)
+                if step_count is None:
+                    entry.pop("step", None)
+                else:
+                    entry["step"] = step_count
+            self.backups.clear()
+            self.entries.clear()
+            for n, chunk in enumerate(self.plan.chunks):
+                if self.positions[n] != THETA:
+                    self.restore(chunk).back_to_theta(self, n, chunk, self.positions[n])
         self._scratch.clear()
 
     def end(self) -> None:
-        for t in self.tensors:
-            t.restore.end(t)
+        self.anchors.clear()
+        self.backups.clear()
+        self.entries.clear()
 
     @property
     def direction_sweeps(self) -> float:
         """Direction entries drawn so far, in passes over the local ZO entries."""
-        total = sum(t.slice.flat.numel() for t in self.tensors)
-        return self.generated / total if total else 0.0
+        return self.generated / self.plan.held if self.plan.held else 0.0
 
     # ------------------------------------------------------- for the restore strategies
 
-    def keeps_state(self, t: ZOTensor) -> bool:
-        return bool(RULES[t.group["rule"]].buffer_names(t.group))
-
-    def update(self, t: ZOTensor, move: Move, commit: Optional[bool] = None) -> Update:
-        """The rule update of ``move`` for ``t``; a committed one journals the state first."""
-        commit = move.commit if commit is None else commit
-        param = t.slice.param
-        if commit and self.keeps_state(t):
-            self.journal.keep_state(param)
-            state: MutableMapping[str, Any] = self.state[param]
-        else:
-            state = self.state[param] if param in self.state else {}
-        return begin_update(state, param, t.group, commit)
-
-    def finish_update(self, t: ZOTensor, update: Optional[Update]) -> None:
-        if update is not None and update.commit and t.slice.param in self.state:
-            finish(self.state[t.slice.param], update)
+    @staticmethod
+    def restore(chunk: Chunk) -> Restore:
+        return RESTORES[chunk.group["restore"]]
 
     @staticmethod
-    def distribution(t: ZOTensor) -> Distribution:
-        return DISTRIBUTIONS[t.group["distribution"]]
+    def distribution(chunk: Chunk) -> Distribution:
+        return DISTRIBUTIONS[chunk.group["distribution"]]
 
-    def z(self, t: ZOTensor, candidate: int, query: int, span: Span) -> Tensor:
-        """The entries of direction ``z_{candidate, query}`` of ``t`` that ``span`` covers (scratch)."""
-        group = t.group
-        distribution = self.distribution(t)
-        seed = mix_seed(group["seed"], t.group_index, group["steps"], candidate, query, t.tensor_index)
-        out = self.scratch("z", t, distribution.padded_length(span.length))
-        self.generated += span.length
-        return self.generator.fill_(out, seed, span.chunk, span.length, distribution)[span.lo:span.hi]
+    @staticmethod
+    def keeps_state(chunk: Chunk) -> bool:
+        return bool(RULES[chunk.group["rule"]].buffer_names(chunk.group))
 
-    def estimate(self, t: ZOTensor, candidate: int, span: Span, mirrored: bool,
+    def scratch(self, name: str, chunk: Chunk, length: int) -> Tensor:
+        """``length`` entries of scratch memory named ``name`` for ``chunk``'s dtype and device, reused
+        until the current pass over the chunks ends."""
+        key = (name, chunk.dtype, chunk.device)
+        buffer = self._scratch.get(key)
+        if buffer is None:
+            buffer = torch.empty(self._capacity[key[1:]], dtype=chunk.dtype, device=chunk.device)
+            self._scratch[key] = buffer
+        return buffer[:length]
+
+    def reached(self, n: int, position: Position) -> None:
+        """Chunk ``n``'s parameters now stand at ``position``."""
+        self.positions[n] = position
+
+    def update(self, chunk: Chunk, move: Move, commit: Optional[bool] = None) -> "ChunkUpdate":
+        """The rule update of ``move`` over ``chunk``'s held entries."""
+        return ChunkUpdate(self, chunk, move.commit if commit is None else commit)
+
+    def z(self, chunk: Chunk, candidate: int, query: int) -> Tensor:
+        """The held entries of chunk ``chunk`` of direction ``z_{candidate, query}`` (scratch)."""
+        group, distribution = chunk.group, self.distribution(chunk)
+        seed = chunk_seed(group["seed"], chunk.group_index, group["steps"], candidate, query, chunk.class_index,
+                          chunk.index)
+        drawn = self.scratch("draw", chunk, distribution.padded_length(chunk.length))
+        self.generated += chunk.length
+        return chunk.held_entries(self.generator.fill_(drawn, seed, chunk.length, distribution),
+                                  self.scratch("held draw", chunk, chunk.held))
+
+    def estimate(self, chunk: Chunk, candidate: int, mirrored: bool,
                  on_direction: Optional[Callable[[int, Tensor], None]] = None,
                  known: Optional[Tuple[int, Tensor]] = None) -> Tensor:
-        """The entries of the estimate of ``candidate`` (negated if ``mirrored``) that ``span`` covers.
+        """The held entries of the estimate of ``candidate`` (negated if ``mirrored``), in scratch.
 
-        ``on_direction(query, z)`` sees each direction chunk before it is used. ``known =
-        (query, z)`` gives that query's direction (scratch the estimate may overwrite) instead
-        of drawing it.
+        ``on_direction(query, z)`` sees each direction before it is used. ``known = (query, z)``
+        gives that query's direction (a buffer the estimate may overwrite) instead of drawing it.
         """
-        coefficients = self._coefficients_of(t, candidate)
+        coefficients = self._coefficients_of(chunk, candidate)
         estimate: Optional[Tensor] = None
         for query, coefficient in enumerate(coefficients):
-            if known is not None and known[0] == query:
-                z = known[1]
-            else:
-                z = self.z(t, candidate, query, span)
+            z = known[1] if known is not None and known[0] == query else self.z(chunk, candidate, query)
             if on_direction is not None:
                 on_direction(query, z)
             if len(coefficients) == 1:
                 estimate = z.mul_(coefficient)
             elif estimate is None:
-                estimate = torch.mul(z, coefficient, out=self.scratch("estimate", t, span.hi - span.lo))
+                estimate = torch.mul(z, coefficient, out=self.scratch("estimate", chunk, chunk.held))
             else:
                 estimate.add_(z, alpha=coefficient)
         assert estimate is not None  # queries >= 1 is validated
-        if t.group["sign"] == "coordinate":
+        if chunk.group["sign"] == "coordinate":
             estimate.sign_()
         return estimate.neg_() if mirrored else estimate
 
@@ -232,27 +280,94 @@ class ZOStep:
         return self.runner.probe(phase)
 
     def _move_all(self, target: Position) -> None:
-        for t in self.tensors:
-            t.restore.move(self, t, target)
-        self._scratch.clear()  # scratch lives for one pass, never through a forward
+        # An interrupt waits for the pass to end, so it never lands between two writes of a chunk.
+        try:
+            with deferred_interrupts():
+                for n, chunk in enumerate(self.plan.chunks):
+                    current = self.positions[n]
+                    if current == target:
+                        continue
+                    if isinstance(target, Move) and target.same_point(current) and not self.keeps_state(chunk):
+                        self.positions[n] = target  # already there; a stateless commit writes nothing more
+                        continue
+                    self.restore(chunk).move(self, n, chunk, current, target)
+        finally:
+            self._scratch.clear()  # scratch lives for one pass, never through a forward
 
-    def _coefficients_of(self, t: ZOTensor, candidate: int) -> List[float]:
-        key = (t.group_index, candidate)
+    def _coefficients_of(self, chunk: Chunk, candidate: int) -> List[float]:
+        key = (chunk.group_index, candidate)
         if key not in self._coefficients:
-            row, group = self.differences[candidate], t.group
+            row, group = self.differences[candidate], chunk.group
             self._coefficients[key] = [
                 (float((d > 0) - (d < 0)) if group["sign"] == "scalar" else d / group["eps"]) / len(row)
                 for d in row
             ]
         return self._coefficients[key]
 
-    def scratch(self, name: str, t: ZOTensor, length: int) -> Tensor:
-        """``length`` entries of scratch memory named ``name`` for ``t``'s dtype and device, reused
-        until the current pass over the tensors ends."""
-        flat = t.slice.flat
-        key = (name, flat.dtype, flat.device)
-        buffer = self._scratch.get(key)
-        if buffer is None:
-            buffer = torch.empty(self._capacity[key[1:]], dtype=flat.dtype, device=flat.device)
-            self._scratch[key] = buffer
-        return buffer[:length]
+
+class ChunkUpdate:
+    """A move's rule update over one chunk's held entries: the single-tensor kernels of
+    :mod:`hybridzo.rules` run on the chunk's flat buffers, the state buffers gathered into
+    flat buffers too (zeros where a parameter has none yet; the kernels update these
+    private copies in place) and, for a commit, written back (after a copy of what they
+    held, which :meth:`ZOStep.back_to_theta` writes back should the step fail).
+
+    Parameters whose AdamW step counts differ are updated piece by piece, each with its own.
+    """
+
+    def __init__(self, step: ZOStep, chunk: Chunk, commit: bool) -> None:
+        self.step, self.commit = step, commit
+        group = chunk.group
+        rule = RULES[group["rule"]]
+        names = rule.buffer_names(group)
+        entries = [step.state[piece.param] if piece.param in step.state else {} for piece in chunk.pieces] \
+            if names else []
+        self.buffers: Dict[str, Optional[Tensor]] = {}
+        self._copies: List[Tuple[List[Tensor], List[Tensor]]] = []  # (state views, flat parts)
+        for name in names:
+            buffers = [entry.get(name) for entry in entries]
+            if all(buffer is None for buffer in buffers):
+                self.buffers[name] = None  # an uncommitted move before the first step
+                continue
+            flat = step.scratch(f"state {name}", chunk, chunk.held)
+            if all(buffer is not None for buffer in buffers):
+                views = chunk.state_views(name, buffers)
+                parts = flat_parts(flat, views, [v.numel() for v in views])
+            else:  # zeros where a parameter has no buffer yet
+                flat.zero_()
+                views, parts = [], []
+                for piece, buffer in zip(chunk.pieces, buffers):
+                    if buffer is not None:
+                        piece_views = logical_views(local_data(buffer), piece.local_lo, piece.local_hi)
+                        views += piece_views
+                        parts += flat_parts(flat[piece.held_lo:piece.held_hi], piece_views,
+                                            [v.numel() for v in piece_views])
+            torch._foreach_copy_(parts, views)
+            if commit:  # (a commit created the missing buffers: all are present, parts cover flat)
+                step.backups.append((views, flat_parts(flat.clone(), parts, [p.numel() for p in parts])))
+            self.buffers[name] = flat
+            self._copies.append((views, parts))
+        fresh = commit and bool(names) and all(id(piece.param) in step.fresh for piece in chunk.pieces)
+        steps = [int(entry.get("step", 0)) + 1 for entry in entries] if rule.name == "adamw" else []
+        if len(set(steps)) <= 1:
+            self.parts = [(Update(rule, group, self.buffers, fresh, steps[0] if steps else 1, commit, private=True),
+                           0, chunk.held)]
+        else:
+            self.parts = [(Update(rule, group, self.buffers, fresh, s, commit, private=True), piece.held_lo,
+                           piece.held_hi) for piece, s in zip(chunk.pieces, steps)]
+
+    def apply_(self, out: Tensor, theta: Tensor, grad: Tensor) -> None:
+        """Write the moved values into ``out`` (which may alias ``theta`` or ``grad``)."""
+        for update, lo, hi in self.parts:
+            update.apply_(out[lo:hi], theta[lo:hi], grad[lo:hi], lo, hi)
+
+    def undo_(self, moved: Tensor, grad: Tensor) -> None:
+        """Invert an uncommitted :meth:`apply_` in place, up to rounding."""
+        for update, lo, hi in self.parts:
+            update.undo_(moved[lo:hi], grad[lo:hi], lo, hi)
+
+    def write_state(self) -> None:
+        """A commit: write the updated state buffers back."""
+        if self.commit:
+            for views, parts in self._copies:
+                torch._foreach_copy_(views, parts)

@@ -181,7 +181,8 @@ def test_inplace_groups_take_no_copy(monkeypatch):
 
     copied = []
     real_begin = ExactRestore.begin
-    monkeypatch.setattr(ExactRestore, "begin", lambda self, t: copied.append(t.slice.param) or real_begin(self, t))
+    monkeypatch.setattr(ExactRestore, "begin", lambda self, step, n, chunk: copied.extend(
+        piece.param for piece in chunk.pieces) or real_begin(self, step, n, chunk))
     model = small_model(torch.float32)
     opt = HybridZOOptimizer(
         [{"params": model[0].parameters(), "restore": "inplace"}, {"params": model[2].parameters()}],

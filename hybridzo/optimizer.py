@@ -6,7 +6,7 @@ import contextlib
 import math
 import sys
 import warnings
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -34,10 +34,7 @@ from .rules import RULES, check_state, initial_state
 from .sharding import is_prepared, is_sharded, local_data, local_slice
 from .zo_step import ZOStep
 
-try:
-    from torch.optim.optimizer import ParamsT
-except ImportError:  # torch < 2.2
-    ParamsT = Union[Iterable[Tensor], Iterable[Dict[str, Any]]]  # type: ignore[misc]
+from torch.optim.optimizer import ParamsT
 
 __all__ = ["HybridZOOptimizer", "ParamsT"]
 

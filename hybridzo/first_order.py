@@ -152,12 +152,20 @@ class FirstOrderStep:
     def __init__(self, groups: Sequence[Tuple[str, Group]], state: MutableMapping[Tensor, Dict[str, Any]],
                  checked: Dict[int, Tuple[Any, ...]]) -> None:
         self._steps: List[_GroupStep] = []
+        stepped: List[int] = []
         for where, group in groups:
             with_grad = [(i, p, p.grad) for i, p in enumerate(group["params"]) if p.grad is not None]
             if group["fused"] and group["foreach"]:
                 check_implementation(group, [], where)
             if with_grad:
                 self._steps.append(_plan(group, with_grad, state, checked, where))
+                stepped += [id(p) for _, p, _ in with_grad]
+        if len(checked) > len(stepped):
+            # Forget parameters that left the groups (or have no gradient now): the cache must not keep
+            # them, or their state, alive (a new head per task in continual learning).
+            current = set(stepped)
+            for key in [key for key in checked if key not in current]:
+                del checked[key]
 
     def commit(self) -> None:
         """Write the planned state entries, then run each group's kernel."""
@@ -202,9 +210,12 @@ def _plan(group: Group, with_grad: List[Tuple[int, Tensor, Tensor]], state: Muta
         if sharded:
             grad = local_data(grad)
         known = checked.get(id(p))
-        if known is None or known[0] is not p:
+        dtype = param.dtype
+        # ``p.data = ...`` or ``module.to(...)`` change a parameter's shape, dtype or device in place:
+        # what was checked for the old tensor says nothing about the new one.
+        if known is not None and (known[0] is not p or known[1] is not dtype or known[7] != param.shape
+                                  or known[8] != param.device):
             known = None
-        dtype = param.dtype if known is None else known[1]
         if grad.dtype is not dtype:
             raise _unlike(f"Invalid gradient in {where}, parameter {position}", grad, param)
         add_param(param)
@@ -230,7 +241,7 @@ def _plan(group: Group, with_grad: List[Tuple[int, Tensor, Tensor]], state: Muta
                     add_step(step)
             continue
         buffers = (first_buffer, second_buffer)[:len(names)]
-        seen = (p, dtype, implementation_name, entry, step, first_buffer, second_buffer)
+        seen = (p, dtype, implementation_name, entry, step, first_buffer, second_buffer, param.shape, param.device)
         if fused:
             check_implementation(group, [param], f"{where} (parameter {position})")
         present = [n for n, v in zip(("exp_avg", "exp_avg_sq", "step"), (*buffers, step)) if v is not None]

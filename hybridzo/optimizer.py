@@ -411,10 +411,10 @@ class HybridZOOptimizer(Optimizer):
             self._advance_counters(skipped=True)
         except BaseException:
             if not committed:
+                for p, grad in grads_before:  # first: an interrupt held by back_to_theta ends it
+                    p.grad = grad
                 if zo is not None:
                     zo.back_to_theta()
-                for p, grad in grads_before:
-                    p.grad = grad
             raise
         finally:
             runner.rng.finish()
@@ -445,6 +445,8 @@ class HybridZOOptimizer(Optimizer):
                 raise ValueError(f"Invalid seed in {where}: None (groups keep the seed they were given)")
             options.update(normalize_counters(group, where))
             check_inplace_undo(options, where)
+            if options["fused"] and options["foreach"]:  # written between steps, in any group
+                check_implementation(options, [], where)
             check_shared_zo_keys(options, where, [(f"param group {j}", o) for j, o in enumerate(normalized)])
             # FO gradients and state are checked by FirstOrderStep, which reads them anyway.
             for position, p in enumerate(group["params"] if options["mode"] == "zo" or sharded else ()):

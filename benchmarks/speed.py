@@ -756,7 +756,13 @@ def many_tensors_targets(comparisons: Sequence[Comparison]) -> List[Tuple[str, O
     for c in comparisons:
         if c.what != "ZO-SGD":
             size = c.tensors.describe()
-            targets.append((f"hybridzo {c.what} / torch foreach, {size}", c.ratio("hybridzo", "torch-foreach"), 1.1))
+            # Like against like: hybridzo's foreach path where it has one (its default follows torch's,
+            # the per-tensor loop on CPU), and the defaults against each other.
+            foreach = "hybridzo-foreach" if c.ratio("hybridzo-foreach", "torch-foreach") is not None else "hybridzo"
+            targets.append((f"hybridzo {c.what}{', foreach=True' if foreach != 'hybridzo' else ''} / torch foreach, "
+                            f"{size}", c.ratio(foreach, "torch-foreach"), 1.1))
+            targets.append((f"hybridzo {c.what} / torch {c.what.split(',')[0]} (both default: the loop on CPU), "
+                            f"{size}", c.ratio("hybridzo", "torch-loop"), 1.1))
             targets.append((f"hybridzo {c.what}, fused=True / torch fused, {size}",
                             c.ratio("hybridzo-fused", "torch-fused"), 1.1))
     return targets

@@ -386,14 +386,20 @@ class HybridZOOptimizer(Optimizer):
         loss: Optional[float] = None
         chosen: Optional[str] = None
         skipped = committed = False
+        # FO groups whose parameters are all frozen (or empty) have nothing to backpropagate into:
+        # as torch.optim, skip them rather than ask the closure's loss for a gradient.
+        fo_trains = any(p.requires_grad for g in fo_groups for p in g["params"])
         try:
-            if fo_groups:
+            if fo_trains:
                 loss = self._first_order_pass(runner, fo_groups, zo_groups)
+            elif zo is None:
+                loss = runner.probe("the loss at theta")
             if zo is not None:
                 with _parked_grads([p for g in fo_groups for p in g["params"]]):
                     loss, choice = zo.search(loss)
                 chosen = zo.chosen_name(choice)
-            first_order = FirstOrderStep(self._named_fo_groups(), self.state, self._fo_checked)  # checks, allocates; writes nothing
+            first_order = FirstOrderStep(self._named_fo_groups() if fo_trains else [], self.state,
+                                         self._fo_checked)  # checks, allocates; writes nothing
             # The writes of the commit are not split by a Ctrl-C; one that arrives during them
             # is raised when they (and the counters) are done, and undoes nothing.
             with deferred_interrupts():
@@ -423,7 +429,7 @@ class HybridZOOptimizer(Optimizer):
         if zo is not None and not skipped:
             self._constant_loss.observe(runner.losses)
         self.last_step_info = {
-            "forwards": runner.forwards, "backwards": int(bool(fo_groups)), "chosen": chosen,
+            "forwards": runner.forwards, "backwards": int(fo_trains), "chosen": chosen,
             "skipped": skipped, "loss": loss, "scalars_reduced": runner.ranks.scalars_reduced,
             "direction_sweeps": zo.direction_sweeps if zo is not None else 0.0,
         }
@@ -559,8 +565,8 @@ class HybridZOOptimizer(Optimizer):
             if not raw.requires_grad:
                 raise ValueError(
                     "FO param groups need the loss's gradient, but the closure's loss does not "
-                    "require grad (is the forward pass under torch.no_grad(), or are all FO "
-                    "parameters frozen?)"
+                    "require grad (is the forward pass under torch.no_grad(), or is the loss computed "
+                    "outside the closure?)"
                 )
             with torch.enable_grad():
                 raw.backward()

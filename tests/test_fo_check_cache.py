@@ -115,3 +115,28 @@ def test_a_second_interrupt_during_the_restore_still_gives_the_gradients_back():
     assert torch.equal(model[1].weight.grad, torch.full_like(model[1].weight, 7.0))
     assert model[1].bias.grad is None
     assert all(torch.equal(p.detach(), q) for p, q in zip(model.parameters(), params_before))
+
+
+@pytest.mark.parametrize("fo_params", ["empty", "frozen"])
+def test_an_fo_group_with_nothing_to_train_is_skipped_as_torch_optim_skips_it(fo_params):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Linear(5, 3))
+    x = torch.randn(8, 4)
+    reference = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Linear(5, 3))
+    reference.load_state_dict(model.state_dict())
+    head = [] if fo_params == "empty" else list(model[1].parameters())
+    for p in head:
+        p.requires_grad_(False)
+    opt = HybridZOOptimizer([{"params": model[0].parameters(), "mode": "zo"},
+                             {"params": head, "mode": "fo", "rule": "adamw"}], lr=0.1, seed=0)
+    alone = HybridZOOptimizer([{"params": reference[0].parameters(), "mode": "zo"}], lr=0.1, seed=0)
+    for _ in range(3):
+        loss = opt.step(lambda: model(x).pow(2).mean())
+        expected = alone.step(lambda: reference(x).pow(2).mean())
+        assert torch.equal(loss, expected)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))
+    assert opt.last_step_info["backwards"] == 0
+    # An optimizer whose only group has nothing to train still returns the closure's loss, as torch.optim does.
+    frozen_only = HybridZOOptimizer([{"params": [torch.nn.Parameter(torch.ones(2), requires_grad=False)],
+                                      "mode": "fo"}], lr=0.1)
+    assert frozen_only.step(lambda: torch.tensor(2.5)).item() == 2.5

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 import subprocess
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -100,16 +101,34 @@ RECORD_KEYS = ("command", "config", "tasks", "last", "avg", "forgetting", "acc_m
 """``results.json`` fields a committed record keeps (the per-step ``losses`` become ``loss_per_task``)."""
 
 
-def git_commit(folder: Path) -> str:
-    """The commit checked out where ``folder`` lies (``""`` outside a git checkout)."""
-    done = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True)
-    return done.stdout.strip() if done.returncode == 0 else ""
+def git_checkout(folder: Path) -> Tuple[str, Optional[Path]]:
+    """The commit checked out where ``folder`` lies and that checkout's root (``("", None)`` outside one)."""
+    done = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD", "--show-toplevel"], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        return "", None
+    commit, root = done.stdout.split()
+    return commit, Path(root)
 
 
-def compact(result: Mapping[str, Any], commit: str) -> Dict[str, Any]:
+def _relative(path: str, root: Optional[Path]) -> str:
+    """``path`` relative to ``root`` if it is absolute (a record names no folder of the machine that ran it)."""
+    return os.path.relpath(path, root) if root is not None and os.path.isabs(path) else path
+
+
+def compact(result: Mapping[str, Any], commit: str, root: Optional[Path] = None) -> Dict[str, Any]:
     """The committed record of a ``results.json``: :data:`RECORD_KEYS`, the mean loss of each task and the commit
-    of the checkout that ran it."""
+    of the checkout that ran it; the paths of :data:`LOCATION_FLAGS` written relative to its ``root``."""
     record = {key: result[key] for key in RECORD_KEYS if key in result}
+    if "command" in record:
+        tokens = shlex.split(record["command"])
+        for i in range(1, len(tokens)):
+            if LOCATION_FLAGS.get(tokens[i - 1]) == 1 and tokens[i - 1] != "--threads":
+                tokens[i] = _relative(tokens[i], root)
+        record["command"] = shlex.join(tokens)
+    if isinstance(record.get("config"), dict):
+        record["config"] = {key: _relative(value, root) if key in ("data_root", "out") and isinstance(value, str)
+                            else value for key, value in record["config"].items()}
     losses, starts = result.get("losses"), result.get("task_start_steps")
     if losses and starts:
         bounds = [*starts, len(losses)]
@@ -199,7 +218,7 @@ class Sweep:
         if run.record is None or run.record.is_file() or not self.keep_records:
             return
         run.record.parent.mkdir(parents=True, exist_ok=True)
-        run.record.write_text(json.dumps(compact(result, git_commit(run.out)), indent=1) + "\n")
+        run.record.write_text(json.dumps(compact(result, *git_checkout(run.out)), indent=1) + "\n")
         self.on_record(run.record)
 
     # ----------------------------------------------------------------------------------------------- tuning

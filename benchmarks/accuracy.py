@@ -329,7 +329,8 @@ def write_report(results: Dict[str, Dict[str, Any]], tables: Sequence[Table], ar
         "",
         _measure.environment_markdown(info, _measure.command_line("benchmarks.accuracy", argv),
                                       _measure.load_average()),
-        f"- Runs: `{args.runs_dir}` (one `examples/clip_cl.py` run per row; the command is in each row's log.txt).",
+        f"- Runs: `{_display_path(Path(args.runs_dir))}` (one `examples/clip_cl.py` run per row; the command is in "
+        "each row's log.txt).",
     ]
     if setting:
         lines.append(setting)
@@ -428,7 +429,8 @@ def seeds_report(sweep: _sweep.Sweep, args: argparse.Namespace, info: Dict[str, 
         "",
         _measure.environment_markdown(info, _measure.command_line("benchmarks.accuracy", argv),
                                       _measure.load_average()),
-        f"- Runs: `{args.runs_dir}` (`tuning/<row>/<knobs>/`, `{'seeds' if sweep.tune else 'seeds-untuned'}/<row>/"
+        f"- Runs: `{_display_path(Path(args.runs_dir))}` "
+        f"(`tuning/<row>/<knobs>/`, `{'seeds' if sweep.tune else 'seeds-untuned'}/<row>/"
         "seed<k>/`; each folder's log.txt has the command, results.json the config, versions, checkpoint sha256 "
         f"and numerics); every finished run is committed as `{_display_path(sweep.store)}/<run>.json` (the same "
         "fields without the per-step losses, with the commit that ran it), which is all this report reads.",

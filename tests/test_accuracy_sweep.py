@@ -411,3 +411,17 @@ def test_commit_records_each_record_alone(tmp_path):
     assert git("show", "--name-only", "--format=%s", "HEAD").split() == [
         "accuracy", "sweep:", str(record), "store/seeds/moe-fo/seed0.json"]
     assert git("diff", "--cached", "--name-only").split() == ["staged.txt"]  # left staged, not committed
+
+
+def test_a_record_names_its_paths_relative_to_the_checkout_that_ran_it(tmp_path):
+    root = tmp_path / "checkout"
+    result = {**fake_result({"seed": 0}, 10.0, 20.0),
+              "command": f"python -m examples.clip_cl --seed 0 --data-root {tmp_path / 'shared' / 'data'} "
+                         f"--out {root / 'runs' / 'x'} --threads 1 --no-progress"}
+    result["config"] = {**result["config"], "data_root": str(tmp_path / "shared" / "data"),
+                        "out": str(root / "runs" / "x")}
+    record = _sweep.compact(result, "abc123", root)
+    assert record["command"] == ("python -m examples.clip_cl --seed 0 --data-root ../shared/data --out runs/x "
+                                 "--threads 1 --no-progress")
+    assert (record["config"]["data_root"], record["config"]["out"]) == ("../shared/data", "runs/x")
+    assert _sweep.recorded_arguments(record["command"]) == _sweep.recorded_arguments(result["command"])

@@ -13,19 +13,9 @@ from hybridzo.plan import StepPlan, plan_key
 from hybridzo.reference import reference_step
 from hybridzo.rules import begin_update, finish
 from hybridzo.zo_step import ChunkUpdate
+from test_restore import ZO_SETTINGS
 
-configs = st.fixed_dictionaries({
-    "estimator": st.sampled_from(["central", "forward"]),
-    "queries": st.integers(1, 2),
-    "candidates": st.integers(1, 3),
-    "conservative": st.booleans(),
-    "sign": st.sampled_from([None, "coordinate", "scalar"]),
-    "rule": st.sampled_from(["sgd", "adamw"]),
-    "momentum": st.sampled_from([0.0, 0.9]),
-    "weight_decay": st.sampled_from([0.0, 0.1]),
-    "distribution": st.sampled_from(["gaussian", "rademacher"]),
-    "restore": st.sampled_from(["exact", "inplace"]),
-})
+configs = st.fixed_dictionaries({**ZO_SETTINGS, "restore": st.sampled_from(["exact", "inplace"])})
 SHAPES = [(3, 4), (5,), (2, 3, 2), (1,), (7, 2)]
 
 

@@ -138,19 +138,19 @@ def test_non_finite_loss_skips_the_step(bad_call, bad_value):
 
 # ---------------------------------------------------------------- restore="inplace"
 
-inplace_configs = st.fixed_dictionaries(
-    {
-        "estimator": st.sampled_from(["central", "forward"]),
-        "queries": st.integers(1, 2),
-        "candidates": st.integers(1, 3),
-        "conservative": st.booleans(),
-        "sign": st.sampled_from([None, "coordinate", "scalar"]),
-        "rule": st.sampled_from(["sgd", "adamw"]),
-        "momentum": st.sampled_from([0.0, 0.9]),
-        "weight_decay": st.sampled_from([0.0, 0.1]),
-        "distribution": st.sampled_from(["gaussian", "rademacher"]),
-    }
-)
+ZO_SETTINGS = {
+    "estimator": st.sampled_from(["central", "forward"]),
+    "queries": st.integers(1, 2),
+    "candidates": st.integers(1, 3),
+    "conservative": st.booleans(),
+    "sign": st.sampled_from([None, "coordinate", "scalar"]),
+    "rule": st.sampled_from(["sgd", "adamw"]),
+    "momentum": st.sampled_from([0.0, 0.9]),
+    "weight_decay": st.sampled_from([0.0, 0.1]),
+    "distribution": st.sampled_from(["gaussian", "rademacher"]),
+}
+"""Strategies for every ZO setting a step's path depends on (tests/test_reference.py adds ``restore``)."""
+inplace_configs = st.fixed_dictionaries(ZO_SETTINGS)
 
 
 @settings(max_examples=40, deadline=None)

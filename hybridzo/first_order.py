@@ -28,7 +28,9 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, MutableMapping, Optional, Sequence, Tuple
+from itertools import compress, repeat
+from operator import attrgetter, is_, is_not
+from typing import Any, Dict, List, Mapping, MutableMapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -36,9 +38,9 @@ from torch.optim.adamw import adamw
 from torch.optim.optimizer import _default_to_fused_or_foreach, _get_fused_kernels_supported_devices, _get_scalar_dtype
 from torch.optim.sgd import sgd
 
-from .sharding import is_sharded, local_data
+from .sharding import any_sharded, local_data
 
-__all__ = ["FirstOrderStep", "any_sharded", "check_implementation", "implementation", "initial_fo_state"]
+__all__ = ["FirstOrderChecks", "FirstOrderStep", "check_implementation", "implementation", "initial_fo_state"]
 
 Group = Mapping[str, Any]
 
@@ -77,11 +79,6 @@ def check_implementation(group: Group, params: Sequence[Tensor], where: str) -> 
             )
 
 
-def any_sharded(tensors: Iterable[Tensor]) -> bool:
-    """Whether any of ``tensors`` is a DTensor (FSDP2), checking one tensor per type."""
-    return any(map(is_sharded, {type(t): t for t in tensors}.values()))
-
-
 def _step_like_torch(value: Any, param: Tensor, fused: bool, where: str) -> Tensor:
     """AdamW's ``step`` (None: 0) as torch.optim keeps it for this implementation: a new 0-dim tensor.
 
@@ -111,6 +108,12 @@ def initial_fo_state(state: MutableMapping[Tensor, Dict[str, Any]], group: Group
         entry["step"] = _step_like_torch(entry.get("step"), local_data(p), fused, "initial state")
 
 
+_GRAD = attrgetter("grad")
+# What ``p.data = ...``, ``module.to(...)`` or ``torch.utils.swap_tensors`` can change behind the same Parameter.
+_DESCRIPTION = attrgetter("__class__", "shape", "dtype", "device")
+_GRAD_KIND = attrgetter("dtype", "layout")
+
+
 @dataclass
 class _GroupStep:
     """One group's step, checked and with its new state allocated: the lists torch's kernel takes."""
@@ -125,6 +128,112 @@ class _GroupStep:
     new_entries: List[Tuple[Any, Any, Any]] = field(default_factory=list)
     entries: List[MutableMapping[str, Any]] = field(default_factory=list)
     has_complex: bool = False
+    # Set by a full check of a group of plain tensors: what to remember once the commit is done.
+    has_grad: Optional[List[bool]] = None
+    stepped: List[Tensor] = field(default_factory=list)
+    # A reused check of one device and dtype, every state entry present: torch's kernels without regrouping.
+    one_class: bool = False
+
+
+@dataclass
+class _Checked:
+    """A group's step as a full check and its commit left it: every object the check read, and what it saw.
+
+    The next step reuses the check when the same objects come back: the same parameters, the same
+    of them with a gradient, each of the same class, shape, dtype and device, gradients dense and of
+    their parameter's dtype, the same state entries holding the same buffers. Tensors do not change
+    shape, dtype or device in place, so nothing the full check looked at can differ. The test is a
+    few C-level passes over the group's lists, which keeps the per-tensor host work of a steady
+    step at what ``torch.optim`` spends gathering the same lists.
+    """
+
+    settings: Tuple[Any, ...]
+    params: List[Tensor]
+    has_grad: List[bool]
+    stepped: List[Tensor]
+    described: List[Tuple[Any, ...]]
+    grad_kinds: List[Tuple[Any, ...]]
+    entries: List[Dict[str, Any]]
+    buffers: Dict[str, List[Tensor]]
+    steps: List[Tensor]
+    implementation: str
+    has_complex: bool
+    one_class: bool
+
+    @staticmethod
+    def after(plan: _GroupStep) -> Optional["_Checked"]:
+        """What ``plan``'s commit left (``plan`` from a full check), or None where it cannot be reused cheaply."""
+        entries = plan.entries
+        if plan.has_grad is None or any(type(entry) is not dict for entry in entries):
+            return None
+        return _Checked(
+            _settings(plan.group), list(plan.group["params"]), plan.has_grad, plan.stepped,
+            list(map(_DESCRIPTION, plan.stepped)), [(p.dtype, torch.strided) for p in plan.stepped], entries,
+            {name: [entry.get(name) for entry in entries] for name in plan.buffers},
+            [entry.get("step") for entry in entries] if plan.steps else [],
+            plan.implementation, plan.has_complex,
+            len({(p.device, p.dtype) for p in plan.stepped}) == 1 and _has_one_class_step(plan),
+        )
+
+    def reuse(self, group: Group, state: Mapping[Tensor, Any], state_unchanged: bool) -> Optional[_GroupStep]:
+        """``group``'s step on this check, or None where any object it read has changed.
+
+        ``state_unchanged``: ``state`` maps the same keys to the same entries as when the check was
+        made, so that the entries need not be looked up one by one.
+        """
+        params = group["params"]
+        if (self.settings != _settings(group) or len(params) != len(self.params)
+                or not all(map(is_, params, self.params))):
+            return None
+        grads = list(map(_GRAD, params))
+        if list(map(is_not, grads, repeat(None))) != self.has_grad:
+            return None
+        if len(grads) != len(self.stepped):
+            grads = list(compress(grads, self.has_grad))
+        if (list(map(_GRAD_KIND, grads)) != self.grad_kinds
+                or list(map(_DESCRIPTION, self.stepped)) != self.described):
+            return None
+        entries = self.entries
+        if entries:
+            if not state_unchanged and not all(map(is_, map(state.get, self.stepped), entries)):
+                return None
+            for name, kept in (*self.buffers.items(), ("step", self.steps)):
+                if kept and not all(map(is_, map(dict.get, entries, repeat(name)), kept)):
+                    return None
+        return _GroupStep(group, self.implementation, list(self.stepped), grads,
+                          {name: list(kept) for name, kept in self.buffers.items()}, list(self.steps),
+                          entries=entries, has_complex=self.has_complex, one_class=self.one_class)
+
+
+def _settings(group: Group) -> Tuple[Any, ...]:
+    """The group keys that decide which state a step reads and which kernel runs."""
+    return group["rule"], group["momentum"] != 0, group["foreach"], group["fused"]
+
+
+class FirstOrderChecks:
+    """What :class:`FirstOrderStep` remembers between steps: a cache the optimizer keeps, not state.
+
+    Per group (by id), its last full check (:class:`_Checked`); and the optimizer state's keys and
+    entries as the last commit left them, which tell in two passes that no entry was replaced,
+    added or removed since. Groups that leave, and the snapshot once the state has changed, are
+    dropped when the next step is planned, so that the cache keeps nothing alive for long that
+    left the groups or the state.
+    """
+
+    def __init__(self) -> None:
+        self.groups: Dict[int, _Checked] = {}
+        self.state_keys: List[Any] = []
+        self.state_entries: List[Any] = []
+
+    def state_unchanged(self, state: Mapping[Tensor, Any]) -> bool:
+        if (len(state) == len(self.state_keys) and all(map(is_, state.keys(), self.state_keys))
+                and all(map(is_, state.values(), self.state_entries))):
+            return True
+        self.state_keys, self.state_entries = [], []
+        return False
+
+    def remember_state(self, state: Mapping[Tensor, Any]) -> None:
+        self.state_keys, self.state_entries = list(state.keys()), list(state.values())
 
 
 class FirstOrderStep:
@@ -136,10 +245,8 @@ class FirstOrderStep:
     Args:
         groups: ``(name, group)`` pairs of the FO groups, names as errors report them.
         state: the optimizer's ``state`` mapping.
-        checked: a cache the optimizer keeps between steps (not state): per parameter id, the
-            parameter, its dtype, the implementation, its state entry, step and buffers as last
-            checked. A state entry whose objects are all the ones checked is not checked again
-            (tensors do not change shape, dtype or device in place).
+        checks: what the last steps checked (:class:`FirstOrderChecks`), reused while the same
+            objects come back; entries of groups not in ``groups`` are dropped.
 
     Raises:
         ValueError: a gradient or state buffer whose shape, dtype or device does not match its
@@ -150,22 +257,24 @@ class FirstOrderStep:
     """
 
     def __init__(self, groups: Sequence[Tuple[str, Group]], state: MutableMapping[Tensor, Dict[str, Any]],
-                 checked: Dict[int, Tuple[Any, ...]]) -> None:
+                 checks: FirstOrderChecks) -> None:
         self._steps: List[_GroupStep] = []
-        stepped: List[int] = []
+        self._state, self._checks = state, checks
+        known_groups = checks.groups
+        current = {id(group) for _, group in groups}
+        for key in [key for key in known_groups if key not in current]:
+            del known_groups[key]
+        state_unchanged = checks.state_unchanged(state) if known_groups else False
         for where, group in groups:
-            with_grad = [(i, p, p.grad) for i, p in enumerate(group["params"]) if p.grad is not None]
             if group["fused"] and group["foreach"]:
                 check_implementation(group, [], where)
-            if with_grad:
-                self._steps.append(_plan(group, with_grad, state, checked, where))
-                stepped += [id(p) for _, p, _ in with_grad]
-        if len(checked) > len(stepped):
-            # Forget parameters that left the groups (or have no gradient now): the cache must not keep
-            # them, or their state, alive (a new head per task in continual learning).
-            current = set(stepped)
-            for key in [key for key in checked if key not in current]:
-                del checked[key]
+            known = known_groups.get(id(group))
+            plan = known.reuse(group, state, state_unchanged) if known is not None else None
+            if plan is None:
+                known_groups.pop(id(group), None)
+                plan = _plan(group, state, where)
+            if plan.params:
+                self._steps.append(plan)
 
     def commit(self) -> None:
         """Write the planned state entries, then run each group's kernel."""
@@ -174,76 +283,64 @@ class FirstOrderStep:
                 entry[key] = value
         with torch.no_grad():
             for plan in self._steps:
-                if plan.group["rule"] == "adamw":
+                if plan.one_class:
+                    _one_class_step(plan)
+                elif plan.group["rule"] == "adamw":
                     _adamw(plan)
                 else:
                     _sgd(plan)
+        for plan in self._steps:
+            if plan.has_grad is not None:  # from a full check
+                checked = _Checked.after(plan)
+                if checked is not None:
+                    self._checks.groups[id(plan.group)] = checked
+        if self._checks.groups:
+            self._checks.remember_state(self._state)
 
 
-def _plan(group: Group, with_grad: List[Tuple[int, Tensor, Tensor]], state: MutableMapping[Tensor, Dict[str, Any]],
-          checked: Dict[int, Tuple[Any, ...]], where: str) -> _GroupStep:
-    """One group's :class:`_GroupStep`: every check, and the state entries to create, per tensor.
+def _plan(group: Group, state: MutableMapping[Tensor, Dict[str, Any]], where: str) -> _GroupStep:
+    """One group's :class:`_GroupStep` from a full check: every check, and the state entries to create.
 
     Gradients are checked for what torch's ``.grad`` setter lets through (a sparse layout, a dtype
     unlike the parameter's where ``grad_dtype`` allows one); state, which anyone can write, for
-    completeness, shape, dtype and device, unless ``checked`` shows the same objects passed already.
-    The loop is the step's per-tensor host work: keep it short.
+    completeness, shape, dtype and device.
     """
+    with_grad = [(i, p, p.grad) for i, p in enumerate(group["params"]) if p.grad is not None]
     sharded = any_sharded([p for _, p, _ in with_grad])
     params = [local_data(p) for _, p, _ in with_grad] if sharded else [p for _, p, _ in with_grad]
     plan = _GroupStep(group, implementation(group, params))
+    if not sharded:  # FSDP2's groups hold few, large shards: no need to remember their checks
+        plan.has_grad = [p.grad is not None for p in group["params"]]
+        plan.stepped = params
     adam = group["rule"] == "adamw"
     names = ("exp_avg", "exp_avg_sq") if adam else ("momentum_buffer",) if group["momentum"] != 0 else ()
     buffer_lists = [plan.buffers.setdefault(name, []) for name in names]
     fused = plan.implementation == "fused"
     step_dtype = _get_scalar_dtype(is_fused=fused)
-    strided, implementation_name = torch.strided, plan.implementation
-    first, second = (*names, None, None)[:2]
-    add_param, add_grad, add_entry, add_step = plan.params.append, plan.grads.append, plan.entries.append, \
-        plan.steps.append
     for (position, p, grad), param in zip(with_grad, params):
-        if grad.layout is not strided:
+        if grad.layout is not torch.strided:
             raise RuntimeError(
                 f"Invalid gradient in {where}, parameter {position}: HybridZOOptimizer does not support "
                 f"sparse gradients ({grad.layout}; e.g. use nn.Embedding(sparse=False))"
             )
         if sharded:
             grad = local_data(grad)
-        known = checked.get(id(p))
-        dtype = param.dtype
-        # ``p.data = ...`` or ``module.to(...)`` change a parameter's shape, dtype or device in place:
-        # what was checked for the old tensor says nothing about the new one.
-        if known is not None and (known[0] is not p or known[1] is not dtype or known[7] != param.shape
-                                  or known[8] != param.device):
-            known = None
-        if grad.dtype is not dtype:
+        if grad.dtype is not param.dtype:
             raise _unlike(f"Invalid gradient in {where}, parameter {position}", grad, param)
-        add_param(param)
-        add_grad(grad)
-        plan.has_complex |= dtype.is_complex
-        entry = step = first_buffer = second_buffer = None
-        if names:
-            entry = state.get(p)
-            if entry is None:
-                entry = {}
-                plan.new_entries.append((state, p, entry))
-            add_entry(entry)
-            first_buffer = entry.get(first)
-            if adam:
-                second_buffer, step = entry.get(second), entry.get("step")
-        # The objects checked last time (``checked`` holds them, so they are these very objects).
-        if (known is not None and known[2] is implementation_name and known[3] is entry and known[4] is step
-                and known[5] is first_buffer and known[6] is second_buffer):
-            if names:
-                buffer_lists[0].append(local_data(first_buffer) if sharded else first_buffer)
-                if adam:
-                    buffer_lists[1].append(local_data(second_buffer) if sharded else second_buffer)
-                    add_step(step)
-            continue
-        buffers = (first_buffer, second_buffer)[:len(names)]
-        seen = (p, dtype, implementation_name, entry, step, first_buffer, second_buffer, param.shape, param.device)
+        plan.params.append(param)
+        plan.grads.append(grad)
+        plan.has_complex |= param.dtype.is_complex
         if fused:
             check_implementation(group, [param], f"{where} (parameter {position})")
+        if not names:
+            continue
+        entry = state.get(p)
+        if entry is None:
+            entry = {}
+            plan.new_entries.append((state, p, entry))
+        plan.entries.append(entry)
+        buffers = [entry.get(name) for name in names]
+        step = entry.get("step") if adam else None
         present = [n for n, v in zip(("exp_avg", "exp_avg_sq", "step"), (*buffers, step)) if v is not None]
         if adam and 0 < len(present) < 3:
             raise ValueError(f"Invalid state in {where}, parameter {position}: AdamW state holds {present} "
@@ -260,7 +357,7 @@ def _plan(group: Group, with_grad: List[Tuple[int, Tensor, Tensor]], state: Muta
                                      f"{type(buffer).__name__}, not a tensor")
                 if sharded:
                     buffer = local_data(buffer)
-                if buffer.dtype is not dtype or buffer.shape != param.shape or buffer.device != param.device:
+                if buffer.dtype is not param.dtype or buffer.shape != param.shape or buffer.device != param.device:
                     raise _unlike(f"Invalid state in {where}, parameter {position}: state {name!r}", buffer, param)
             into.append(buffer)
         if adam:
@@ -269,7 +366,6 @@ def _plan(group: Group, with_grad: List[Tuple[int, Tensor, Tensor]], state: Muta
                 step = _step_like_torch(step, param, fused, f"{where}, parameter {position}")
                 plan.new_entries.append((entry, "step", step))
             plan.steps.append(step)
-        checked[id(p)] = seen
     return plan
 
 
@@ -278,6 +374,48 @@ def _unlike(what: str, tensor: Tensor, param: Tensor) -> ValueError:
         f"{what} is {tuple(tensor.shape)} {tensor.dtype} on {tensor.device}, the parameter "
         f"{tuple(param.shape)} {param.dtype} on {param.device}"
     )
+
+
+def _has_one_class_step(plan: _GroupStep) -> bool:
+    """Whether :func:`_one_class_step` runs ``plan``'s implementation: fused, or foreach SGD."""
+    return plan.implementation == "fused" or (plan.implementation == "foreach" and plan.group["rule"] == "sgd")
+
+
+def _one_class_step(plan: _GroupStep) -> None:
+    """What torch's functional ``adamw``/``sgd`` run for tensors of one device and dtype whose state exists.
+
+    The same kernels with the same arguments, call for call (``torch.optim.adam._fused_adam``,
+    ``torch.optim.sgd._fused_sgd`` and ``_multi_tensor_sgd``), without grouping the lists by device
+    and dtype again: the reused check knows there is one group. On hundreds of small tensors that
+    grouping and the loops around it are a fifth of torch's step.
+    """
+    group = plan.group
+    lr, weight_decay = group["lr"], group["weight_decay"]
+    if group["rule"] == "adamw":
+        beta1, beta2 = group["betas"]
+        torch._foreach_add_(plan.steps, 1)
+        torch._fused_adamw_(
+            plan.params, plan.grads, plan.buffers["exp_avg"], plan.buffers["exp_avg_sq"], [], plan.steps,
+            amsgrad=False, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=group["adam_eps"],
+            maximize=False, grad_scale=None, found_inf=None,
+        )
+        return
+    momentum = group["momentum"]
+    buffers = plan.buffers.get("momentum_buffer", [])
+    if plan.implementation == "fused":
+        torch._fused_sgd_(
+            plan.params, plan.grads, buffers, weight_decay=weight_decay, momentum=momentum, lr=lr,
+            dampening=0.0, nesterov=False, maximize=False, is_first_step=False, grad_scale=None, found_inf=None,
+        )
+        return
+    grads = plan.grads
+    if weight_decay != 0:
+        grads = torch._foreach_add(grads, plan.params, alpha=weight_decay)
+    if momentum != 0:
+        torch._foreach_mul_(buffers, momentum)
+        torch._foreach_add_(buffers, grads, alpha=1 - 0.0)  # 1 - dampening, as torch computes it
+        grads = buffers
+    torch._foreach_add_(plan.params, grads, alpha=-lr)
 
 
 def _adamw(plan: _GroupStep) -> None:
@@ -294,25 +432,26 @@ def _adamw(plan: _GroupStep) -> None:
 
 def _sgd(plan: _GroupStep) -> None:
     group = plan.group
-    everything = list(range(len(plan.params)))
-    if group["momentum"] == 0:
-        buffers: List[Optional[Tensor]] = [None] * len(plan.params)
-        runs = [everything]
-    else:
-        buffers = plan.buffers["momentum_buffer"]
-        fresh = [i for i in everything if buffers[i] is None]
-        kept = [i for i in everything if buffers[i] is not None]
+    momentum = group["momentum"]
+    buffers: List[Optional[Tensor]] = plan.buffers["momentum_buffer"] if momentum != 0 else [None] * len(plan.params)
+    runs = [range(len(plan.params))]
+    first = momentum != 0 and any(map(is_, buffers, repeat(None)))
+    if first and plan.implementation == "fused":
         # torch's fused SGD takes a first step for all of its tensors or for none: one call each.
-        runs = [part for part in (fresh, kept) if part] if plan.implementation == "fused" else [everything]
+        runs = [[i for i, b in enumerate(buffers) if b is None], [i for i, b in enumerate(buffers) if b is not None]]
     for run in runs:
-        momentum_buffers = [buffers[i] for i in run]
+        if not run:
+            continue
+        whole = len(run) == len(plan.params)
+        momentum_buffers = buffers if whole else [buffers[i] for i in run]
         sgd(
-            [plan.params[i] for i in run], [plan.grads[i] for i in run], momentum_buffers,
+            plan.params if whole else [plan.params[i] for i in run],
+            plan.grads if whole else [plan.grads[i] for i in run], momentum_buffers,
             foreach=plan.implementation == "foreach", fused=plan.implementation == "fused",
-            weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
+            weight_decay=group["weight_decay"], momentum=momentum, lr=group["lr"],
             dampening=0.0, nesterov=False, maximize=False,
         )
-        if group["momentum"] != 0:
+        if first:
             for i, buffer in zip(run, momentum_buffers):
-                if buffers[i] is None:  # torch made it: the step's first for this tensor
+                if plan.entries[i].get("momentum_buffer") is None:  # torch made it: the tensor's first step
                     plan.entries[i]["momentum_buffer"] = buffer

@@ -6,6 +6,7 @@ import contextlib
 import math
 import sys
 import warnings
+from itertools import chain
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -15,7 +16,7 @@ from torch.optim import Optimizer
 from .closure import ClosureRunner, CommonRandomNumbers, ConstantLossWatch, NonFiniteLoss
 from .directions import DirectionGenerator
 from .distributed import RankAgreement
-from .first_order import FirstOrderStep, any_sharded, check_implementation, initial_fo_state
+from .first_order import FirstOrderChecks, FirstOrderStep, check_implementation, initial_fo_state
 from .interrupts import deferred_interrupts
 from .options import (
     COUNTER_KEYS,
@@ -31,7 +32,7 @@ from .options import (
 )
 from .plan import StepPlan, plan_key
 from .rules import RULES, check_state, initial_state
-from .sharding import is_prepared, is_sharded, local_data, local_slice
+from .sharding import any_sharded, is_prepared, is_sharded, local_data, local_slice
 from .zo_step import ZOStep
 
 from torch.optim.optimizer import ParamsT
@@ -183,7 +184,7 @@ class HybridZOOptimizer(Optimizer):
         self._ranks: Optional[RankAgreement] = None
         self._agreed_groups: List[Group] = []
         self._constant_loss = ConstantLossWatch()
-        self._fo_checked: Dict[int, Tuple[Any, ...]] = {}
+        self._fo_checked = FirstOrderChecks()
         self._zo_plan: Optional[StepPlan] = None
         self.last_step_info: Dict[str, Any] = {}
         super().__init__(params, defaults)
@@ -203,7 +204,7 @@ class HybridZOOptimizer(Optimizer):
         self.__dict__.setdefault("_ranks", None)
         self.__dict__.setdefault("last_step_info", {})
         self.__dict__.setdefault("_constant_loss", ConstantLossWatch())
-        self.__dict__.setdefault("_fo_checked", {})
+        self.__dict__.setdefault("_fo_checked", FirstOrderChecks())
         self._agreed_groups = []
         self._zo_plan = None
 
@@ -442,7 +443,7 @@ class HybridZOOptimizer(Optimizer):
         normalised values. Returns the ZO groups (with indices) and the FO groups.
         """
         normalized: List[Group] = []
-        sharded = any_sharded([p for g in self.param_groups for p in g["params"]])
+        sharded = any_sharded(chain.from_iterable(g["params"] for g in self.param_groups))
         world_size = _sharded_world_size(self.param_groups) if sharded else 1
         for i, group in enumerate(self.param_groups):
             where = f"param group {i}"

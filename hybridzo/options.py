@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import numbers
 import secrets
-from typing import Any, Dict, Iterable, Mapping, Tuple
+from typing import Any, Dict, Iterable, Mapping, Sequence, Tuple
 
 from .directions import DISTRIBUTIONS
 from .rules import RULES, theta_slope
@@ -69,6 +69,8 @@ _ESTIMATORS = ("central", "forward")
 _RESTORES = ("exact", "inplace")
 _IMPLEMENTATION_CHOICES = (None, True, False)
 _SEED_LIMIT = 1 << 63
+_RULE_NAMES = tuple(RULES)
+_DISTRIBUTION_NAMES = tuple(DISTRIBUTIONS)
 
 
 def fresh_seed() -> int:
@@ -84,17 +86,18 @@ def _real(options: Mapping[str, Any], key: str, where: str, low: float, high: fl
           low_open: bool = False, high_open: bool = True) -> float:
     """A finite real number in the given range, as a Python float."""
     value = options[key]
-    expected = (f"expected a finite number in {'(' if low_open else '['}{low:g}, "
-                f"{high:g}{')' if high_open else ']'}")
-    if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise _fail(key, value, where, expected)
-    number = float(value)
+    # Checked every step (a scheduler may have written the value): the common case costs little.
+    if type(value) is not float and (not isinstance(value, numbers.Real) or isinstance(value, bool)):
+        number = math.nan
+    else:
+        number = float(value)
     if (
         not math.isfinite(number)
         or (number <= low if low_open else number < low)
         or (number >= high if high_open else number > high)
     ):
-        raise _fail(key, value, where, expected)
+        raise _fail(key, value, where, f"expected a finite number in {'(' if low_open else '['}{low:g}, "
+                                       f"{high:g}{')' if high_open else ']'}")
     return number
 
 
@@ -104,10 +107,9 @@ def _integer(value: Any, key: str, where: str, low: int, high: int, expected: st
     return int(value)
 
 
-def _choice(options: Mapping[str, Any], key: str, where: str, choices: Iterable[Any]) -> Any:
+def _choice(options: Mapping[str, Any], key: str, where: str, choices: Sequence[Any]) -> Any:
     """One of ``choices``; a string (``str`` or a subclass such as ``numpy.str_``) as a plain ``str``."""
     value = options[key]
-    choices = tuple(choices)
     if not any(value is c or (isinstance(value, str) and value == c) for c in choices):
         raise _fail(key, value, where, "expected " + ", ".join(map(repr, choices)))
     return str(value) if isinstance(value, str) else value
@@ -135,13 +137,13 @@ def normalize_options(options: Mapping[str, Any], where: str) -> Dict[str, Any]:
         "candidates": _integer(options["candidates"], "candidates", where, 1, _SEED_LIMIT,
                                "expected an int >= 1"),
         "conservative": _choice(options, "conservative", where, (True, False)),
-        "rule": _choice(options, "rule", where, tuple(RULES)),
+        "rule": _choice(options, "rule", where, _RULE_NAMES),
         "momentum": _real(options, "momentum", where, 0, 1),
         "betas": tuple(_real({"betas": b}, "betas", where, 0, 1) for b in betas),
         "adam_eps": _real(options, "adam_eps", where, 0),
         "weight_decay": _real(options, "weight_decay", where, 0),
         "restore": _choice(options, "restore", where, _RESTORES),
-        "distribution": _choice(options, "distribution", where, tuple(DISTRIBUTIONS)),
+        "distribution": _choice(options, "distribution", where, _DISTRIBUTION_NAMES),
         "seed": None if seed is None else _integer(seed, "seed", where, 0, _SEED_LIMIT,
                                                    "expected None or an int in [0, 2**63)"),
         "foreach": _choice(options, "foreach", where, _IMPLEMENTATION_CHOICES),

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +41,11 @@ _DTensor = _dtensor_type()
 def is_sharded(tensor: Tensor) -> bool:
     """Whether ``tensor`` is a DTensor (FSDP2 parameter, gradient or state)."""
     return _DTensor is not None and isinstance(tensor, _DTensor)
+
+
+def any_sharded(tensors: Iterable[Tensor]) -> bool:
+    """Whether any of ``tensors`` is a DTensor, looking at each type once (a step's per-tensor cost)."""
+    return _DTensor is not None and any(issubclass(kind, _DTensor) for kind in set(map(type, tensors)))
 
 
 # The FSDP2 parameters of models passed to prepare_fsdp: id -> (the module holding it, its attribute name).

@@ -140,3 +140,112 @@ def test_an_fo_group_with_nothing_to_train_is_skipped_as_torch_optim_skips_it(fo
     frozen_only = HybridZOOptimizer([{"params": [torch.nn.Parameter(torch.ones(2), requires_grad=False)],
                                       "mode": "fo"}], lr=0.1)
     assert frozen_only.step(lambda: torch.tensor(2.5)).item() == 2.5
+
+
+# ------------------------------------------------- a reused check against a full check, after any edit
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from hybridzo.first_order import FirstOrderChecks  # noqa: E402
+
+EDITS = ["new grads", "same grads", "drop a grad", "replace an entry", "replace a buffer", "pop an entry",
+         "buffer to float64", "grad to float64", "sparse grad", "resize through data", "cast through data",
+         "momentum", "momentum 0", "lr", "implementation", "leave the group", "rejoin the group"]
+
+
+class Run:
+    """One optimizer over its own copy of the tensors; ``warm`` keeps its checks between steps, a cold one
+    forgets them before every step, so that each of its steps runs the full check."""
+
+    def __init__(self, rule, implementation, values, warm):
+        self.params = [torch.nn.Parameter(v.clone()) for v in values]
+        self.warm = warm
+        self.opt = HybridZOOptimizer([{"params": list(self.params), "mode": "fo", "rule": rule, "momentum": 0.9,
+                                       **implementation}], lr=0.1)
+
+    def step(self):
+        if not self.warm:
+            self.opt._fo_checked = FirstOrderChecks()
+        try:
+            self.opt.step()
+        except (ValueError, RuntimeError) as error:
+            return f"{type(error).__name__}: {error}"
+        return None
+
+    def edit(self, edit, i, g_values):
+        p, group, state = self.params[i], self.opt.param_groups[0], self.opt.state
+        entry = state.get(p)
+        if edit == "new grads":
+            for q, v in zip(self.params, g_values):
+                q.grad = v.to(q.dtype).reshape(q.shape) if v.numel() == q.numel() else torch.ones_like(q)
+        elif edit == "drop a grad":
+            p.grad = None
+        elif edit == "replace an entry" and entry:
+            state[p] = {k: v.clone() for k, v in entry.items()}
+        elif edit == "replace a buffer" and entry:
+            name = sorted(k for k in entry if k != "step")[0]
+            entry[name] = entry[name].clone()
+        elif edit == "pop an entry":
+            state.pop(p, None)
+        elif edit == "buffer to float64" and entry:
+            name = sorted(k for k in entry if k != "step")[0]
+            entry[name] = entry[name].double()
+        elif edit == "grad to float64" and p.grad is not None:
+            p.grad_dtype = None  # torch refuses such gradients unless told to accept them
+            p.grad = p.grad.double()
+        elif edit == "sparse grad" and p.grad is not None and p.dim() == 1:
+            p.grad = p.grad.to_sparse()
+        elif edit == "resize through data":
+            p.data = torch.ones(p.numel() + 1)
+            p.grad = torch.ones(p.numel())
+        elif edit == "cast through data":
+            p.data = p.data.double()
+            p.grad = torch.ones_like(p)
+        elif edit == "momentum":
+            group["momentum"] = 0.5
+        elif edit == "momentum 0":
+            group["momentum"] = 0.0
+        elif edit == "lr":
+            group["lr"] = 0.05
+        elif edit == "implementation":
+            group["foreach"], group["fused"] = (None, True) if not group["fused"] else (True, None)
+        elif edit == "leave the group" and p in group["params"]:
+            group["params"] = [q for q in group["params"] if q is not p]
+        elif edit == "rejoin the group" and all(q is not p for q in group["params"]):
+            group["params"] = group["params"] + [p]
+
+    def snapshot(self):
+        state = {i: {k: v.clone() for k, v in self.opt.state[p].items()} for i, p in enumerate(self.params)
+                 if p in self.opt.state}
+        return [p.detach().clone() for p in self.params], state
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rule=st.sampled_from(["sgd", "adamw"]),
+    implementation=st.sampled_from([{"foreach": False}, {"foreach": True}, {"fused": True}]),
+    shapes=st.lists(st.sampled_from([(3,), (2, 3), (4,)]), min_size=1, max_size=4),
+    edits=st.lists(st.tuples(st.sampled_from(EDITS), st.integers(0, 3)), min_size=1, max_size=8),
+    seed=st.integers(0, 2**16),
+)
+def test_a_reused_check_steps_and_refuses_exactly_as_a_full_check(rule, implementation, shapes, edits, seed):
+    g = torch.Generator().manual_seed(seed)
+    values = [torch.randn(shape, generator=g) for shape in shapes]
+    warm, cold = Run(rule, implementation, values, True), Run(rule, implementation, values, False)
+    for run in (warm, cold):
+        run.edit("new grads", 0, values)
+    for _ in range(2):  # the warm optimizer's check is cached from here on
+        assert warm.step() is cold.step() is None
+    for edit, i in edits:
+        grads = [torch.randn(shape, generator=g) for shape in shapes]
+        for run in (warm, cold):
+            run.edit(edit, i % len(shapes), grads)
+        outcome = warm.step()
+        assert outcome == cold.step()
+        (warm_params, warm_state), (cold_params, cold_state) = warm.snapshot(), cold.snapshot()
+        assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(warm_params, cold_params))
+        assert warm_state.keys() == cold_state.keys()
+        for i in warm_state:
+            assert warm_state[i].keys() == cold_state[i].keys()
+            assert all(torch.equal(warm_state[i][k], cold_state[i][k]) for k in warm_state[i])

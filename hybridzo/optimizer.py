@@ -7,6 +7,7 @@ import math
 import sys
 import warnings
 from itertools import chain
+from operator import is_, itemgetter
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -186,6 +187,8 @@ class HybridZOOptimizer(Optimizer):
         self._constant_loss = ConstantLossWatch()
         self._fo_checked = FirstOrderChecks()
         self._zo_plan: Optional[StepPlan] = None
+        # (each group's hyperparameter objects, its validated options) as the last step left them: a cache.
+        self._validated: Optional[Tuple[List[Tuple[Any, ...]], List[Group]]] = None
         self.last_step_info: Dict[str, Any] = {}
         super().__init__(params, defaults)
 
@@ -207,6 +210,7 @@ class HybridZOOptimizer(Optimizer):
         self.__dict__.setdefault("_fo_checked", FirstOrderChecks())
         self._agreed_groups = []
         self._zo_plan = None
+        self._validated = None
 
     # ---------------------------------------------------------------- entry points
 
@@ -445,16 +449,20 @@ class HybridZOOptimizer(Optimizer):
         normalized: List[Group] = []
         sharded = any_sharded(chain.from_iterable(g["params"] for g in self.param_groups))
         world_size = _sharded_world_size(self.param_groups) if sharded else 1
+        validated = self._still_validated()
         for i, group in enumerate(self.param_groups):
             where = f"param group {i}"
-            options = normalize_options(group, where)
-            if options["seed"] is None:
-                raise ValueError(f"Invalid seed in {where}: None (groups keep the seed they were given)")
+            if validated is not None:
+                options = dict(validated[i])
+            else:
+                options = normalize_options(group, where)
+                if options["seed"] is None:
+                    raise ValueError(f"Invalid seed in {where}: None (groups keep the seed they were given)")
+                check_inplace_undo(options, where)
+                if options["fused"] and options["foreach"]:  # written between steps, in any group
+                    check_implementation(options, [], where)
+                check_shared_zo_keys(options, where, [(f"param group {j}", o) for j, o in enumerate(normalized)])
             options.update(normalize_counters(group, where))
-            check_inplace_undo(options, where)
-            if options["fused"] and options["foreach"]:  # written between steps, in any group
-                check_implementation(options, [], where)
-            check_shared_zo_keys(options, where, [(f"param group {j}", o) for j, o in enumerate(normalized)])
             # FO gradients and state are checked by FirstOrderStep, which reads them anyway.
             for position, p in enumerate(group["params"] if options["mode"] == "zo" or sharded else ()):
                 if not is_prepared(p):
@@ -486,8 +494,26 @@ class HybridZOOptimizer(Optimizer):
             )
         for group, options in zip(self.param_groups, normalized):
             group.update(options)
+        self._validated = ([_HYPERPARAMETERS_OF(g) for g in self.param_groups], normalized)
         zo_groups = [(i, self.param_groups[i]) for i in zo_indices]
         return zo_groups, [g for g in self.param_groups if g["mode"] == "fo"]
+
+    def _still_validated(self) -> Optional[List[Group]]:
+        """The last step's validated options if every group still holds the very objects it validated.
+
+        Validation is a function of the hyperparameters alone, and once normalised they are immutable
+        (floats, ints, strings, tuples), so the same objects need no second look; a scheduler's write
+        is a new object and is validated again. Costs one pass over the keys instead of the checks.
+        """
+        if self._validated is None:
+            return None
+        values, options = self._validated
+        if len(values) != len(self.param_groups):
+            return None
+        for group, before in zip(self.param_groups, values):
+            if not all(map(is_, _HYPERPARAMETERS_OF(group), before)):
+                return None
+        return options
 
     def _plan(self, zo_groups: List[Tuple[int, Group]]) -> StepPlan:
         """The chunks of the ZO groups: the last step's, unless the groups or their tensors changed."""
@@ -617,6 +643,9 @@ class HybridZOOptimizer(Optimizer):
             group["steps"] += 1
             if skipped:
                 group["nonfinite_steps"] += 1
+
+
+_HYPERPARAMETERS_OF = itemgetter(*HYPERPARAMETERS)
 
 
 def _placed_state(entry: Dict[str, Any], param: Tensor, group: Group, where: str) -> Dict[str, Any]:

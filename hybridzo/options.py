@@ -102,6 +102,8 @@ def _real(options: Mapping[str, Any], key: str, where: str, low: float, high: fl
 
 
 def _integer(value: Any, key: str, where: str, low: int, high: int, expected: str) -> int:
+    if type(value) is int and low <= value < high:  # the common case, every step
+        return value
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not low <= int(value) < high:
         raise _fail(key, value, where, expected)
     return int(value)

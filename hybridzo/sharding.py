@@ -44,8 +44,14 @@ def is_sharded(tensor: Tensor) -> bool:
 
 
 def any_sharded(tensors: Iterable[Tensor]) -> bool:
-    """Whether any of ``tensors`` is a DTensor, looking at each type once (a step's per-tensor cost)."""
-    return _DTensor is not None and any(issubclass(kind, _DTensor) for kind in set(map(type, tensors)))
+    """Whether any of ``tensors`` is a DTensor, looking at each type once (a step's per-tensor cost).
+
+    Without a default process group there are none (a DTensor's device mesh needs one), and the
+    tensors are not looked at.
+    """
+    if _DTensor is None or not torch.distributed.is_initialized():
+        return False
+    return any(issubclass(kind, _DTensor) for kind in set(map(type, tensors)))
 
 
 # The FSDP2 parameters of models passed to prepare_fsdp: id -> (the module holding it, its attribute name).

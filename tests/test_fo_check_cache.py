@@ -210,7 +210,7 @@ class Run:
             group["lr"] = 0.05
         elif edit == "implementation":
             group["foreach"], group["fused"] = (None, True) if not group["fused"] else (True, None)
-        elif edit == "leave the group" and p in group["params"]:
+        elif edit == "leave the group" and any(q is p for q in group["params"]):
             group["params"] = [q for q in group["params"] if q is not p]
         elif edit == "rejoin the group" and all(q is not p for q in group["params"]):
             group["params"] = group["params"] + [p]

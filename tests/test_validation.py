@@ -47,6 +47,32 @@ def test_groups_are_validated_in_the_constructor_and_add_param_group(key, value)
     assert len(opt.param_groups) == 1  # nothing half-added
 
 
+@pytest.mark.parametrize("key, value", BAD_VALUES)
+@pytest.mark.parametrize("mode", ["zo", "fo"])
+def test_every_key_written_between_steps_is_validated_again(mode, key, value):
+    """A step skips the checks of hyperparameters it validated before only while they are the same objects."""
+    w = nn.Parameter(torch.ones(3))
+    opt = HybridZOOptimizer([{"params": [w], "mode": mode}], lr=0.1, seed=0)
+    for _ in range(2):  # the second step reuses the first one's validation
+        opt.step(lambda: w.pow(2).sum())
+    before, steps = w.detach().clone(), opt.param_groups[0]["steps"]
+    opt.param_groups[0][key] = value
+    with pytest.raises(ValueError, match=rf"Invalid {key} in param group 0"):
+        opt.step(lambda: w.pow(2).sum())
+    assert torch.equal(w.detach(), before) and opt.param_groups[0]["steps"] == steps
+
+
+def test_a_list_written_as_betas_is_validated_as_a_tuple_and_later_edits_to_it_do_not_reach_the_group():
+    w = nn.Parameter(torch.ones(3))
+    opt = HybridZOOptimizer([{"params": [w], "mode": "fo", "rule": "adamw"}], lr=0.1)
+    betas = [0.8, 0.9]
+    opt.param_groups[0]["betas"] = betas
+    opt.step(lambda: w.pow(2).sum())
+    betas[0] = 5.0  # the group holds the validated tuple, not this list
+    opt.step(lambda: w.pow(2).sum())
+    assert opt.param_groups[0]["betas"] == (0.8, 0.9)
+
+
 def test_unknown_group_key_is_named():
     with pytest.raises(ValueError, match=r"Invalid key\(s\) in param group 0: \['epsilon'\]"):
         HybridZOOptimizer([{"params": [nn.Parameter(torch.zeros(2))], "epsilon": 1e-3}])

@@ -178,12 +178,17 @@ def _memory_gib() -> Optional[float]:
     return None
 
 
-def _git(*args: str) -> str:
+def _git(*args: str, cwd: Path = REPO_ROOT) -> str:
     try:
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return ""
+
+
+def git_commit(checkout: Path) -> str:
+    """The short commit of a checkout ('' where git cannot tell)."""
+    return _git("rev-parse", "--short=12", "HEAD", cwd=checkout)
 
 
 def load_average() -> str:

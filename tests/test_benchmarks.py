@@ -369,3 +369,20 @@ def test_memory_and_fsdp_reports_are_rebuilt_from_their_committed_json_byte_for_
     args = argparse.Namespace(**record["settings"])
     assert fsdp_memory.report(args, record["runs"], record["environment"], record["command"],
                               record["load_after"]) == (results / "fsdp_memory.md").read_text()
+
+
+def test_compare_commits_times_every_setting_of_both_versions(tmp_path: Path) -> None:
+    """Against itself (the checkout as the other one), each setting gets a time per version and a ratio."""
+    from benchmarks import compare_commits
+
+    out = tmp_path / "compare.md"
+    times = compare_commits.main(["--other", str(REPO_ROOT), "--model", "micro", "--rounds", "2", "--out", str(out)])
+    assert set(times) == set(compare_commits.SETTINGS)
+    assert all(len(t["old"]) == len(t["new"]) == 2 and min(t["old"] + t["new"]) > 0 for t in times.values())
+    rows = table_rows(out.read_text())
+    rows.pop("setting")  # the header
+    assert set(rows) == set(compare_commits.SETTINGS)
+    assert all(float(row[3]) > 0 for row in rows.values())  # new / old
+    import hybridzo
+
+    assert sys.modules["hybridzo_other"] is not hybridzo  # two copies of the package side by side

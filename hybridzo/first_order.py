@@ -21,6 +21,13 @@ The commit cannot fail half-way for a reason that can be known before it starts:
 every state entry the step creates before anything is written; the writes then happen in
 :meth:`FirstOrderStep.commit`, which the optimizer runs with interrupts deferred. What remains is
 what ``torch.optim`` shares: running out of memory for the kernels' temporaries.
+
+A steady training loop hands the same parameters and state back every step, with new gradients.
+:class:`FirstOrderChecks` keeps each group's last full check, and the next step reuses it when
+every object it read comes back unchanged (tested in a few C-level passes over the group's lists,
+not a Python loop per tensor); a group of one device and dtype then runs torch's fused or foreach
+kernels directly on its lists, as torch's functional API would after grouping them. Hundreds of
+small adapter tensors thus cost the same host time per step as under ``torch.optim``.
 """
 
 from __future__ import annotations

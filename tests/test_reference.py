@@ -180,7 +180,7 @@ def test_the_plan_is_reused_while_nothing_changes_and_rebuilt_when_something_doe
 
 
 def test_a_state_buffer_replaced_between_steps_is_the_one_the_step_uses():
-    p = torch.nn.Parameter(torch.randn(6, dtype=torch.float64))
+    p = torch.nn.Parameter(torch.randn(6, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
     opt = HybridZOOptimizer([p], lr=0.1, momentum=0.9, seed=0)
     for _ in range(2):
         opt.step(lambda: loss_of([p]))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -105,7 +106,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, List[float
     params = list(build_clip(args.model).parameters())
     times = compare(params, other, args.rounds, log=lambda line: print(line, flush=True))
     other_commit = _measure.git_commit(args.other)
-    text = report(times, info, _measure.command_line("benchmarks.compare_commits", argv), other_commit, args.model,
+    # The command as run from the repository root, the other checkout named relative to it (no folder of this machine).
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    for i in range(1, len(arguments)):
+        if arguments[i - 1] == "--other":
+            arguments[i] = os.path.relpath(args.other.resolve(), _measure.REPO_ROOT)
+    text = report(times, info, _measure.command_line("benchmarks.compare_commits", arguments), other_commit, args.model,
                   len(params), sum(p.numel() for p in params))
     _measure.write_text(args.out, text)
     _measure.write_text(args.out.with_suffix(".json"), json.dumps({"environment": info, "times": times}, indent=1)

@@ -383,6 +383,7 @@ def test_compare_commits_times_every_setting_of_both_versions(tmp_path: Path) ->
     rows.pop("setting")  # the header
     assert set(rows) == set(compare_commits.SETTINGS)
     assert all(float(row[3]) > 0 for row in rows.values())  # new / old
+    assert "--other ." in out.read_text()  # named relative to the repository, not by this machine's folders
     import hybridzo
 
     assert sys.modules["hybridzo_other"] is not hybridzo  # two copies of the package side by side

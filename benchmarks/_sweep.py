@@ -73,9 +73,10 @@ def _same(recorded: Any, wanted: Any) -> bool:
     return recorded == wanted
 
 
-LOCATION_FLAGS = {"--data-root": 1, "--out": 1, "--threads": 1, "--no-progress": 0}
-"""``clip_cl.py`` flags (and how many values follow) that say where a run reads, writes and how many threads it
-uses, not what it computes: left out when a finished run's command is compared with the sweep's."""
+LOCATION_FLAGS = {"--data-root": 1, "--out": 1, "--threads": 1, "--no-progress": 0, "--resume": 0}
+"""``clip_cl.py`` flags (and how many values follow) that say where a run reads, writes, how many threads it
+uses and whether it went on from a checkpoint, not what it computes: left out when a finished run's command is
+compared with the sweep's."""
 
 
 def recorded_arguments(command: str) -> Tuple[str, ...]:
@@ -97,7 +98,7 @@ def recorded_arguments(command: str) -> Tuple[str, ...]:
 RECORD_KEYS = ("command", "config", "tasks", "last", "avg", "forgetting", "acc_matrix", "seen_acc", "task_start_steps",
                "steps", "forward_passes", "backward_passes", "zo_choices", "wall_time_s", "train_time_s",
                "peak_memory_mib", "peak_memory_kind", "trainable_parameters", "checkpoint_sha256", "versions",
-               "evaluation", "numerics")
+               "evaluation", "numerics", "resumed_at_task")
 """``results.json`` fields a committed record keeps (the per-step ``losses`` become ``loss_per_task``)."""
 
 

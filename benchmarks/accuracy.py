@@ -13,8 +13,9 @@ Rows (CIFAR-100; the paper's numbers are its CIFAR Inc10 column, CLIP ViT-B/16):
 
 ZO rows use the paper's default ZO, ZO-SGD-Cons, unless the row says otherwise. Every row is one run of
 ``examples/clip_cl.py`` in its own process, writing ``results.json`` to ``<runs-dir>/<row>``; a row whose
-``results.json`` exists is not run again, so an interrupted sweep resumes where it stopped. The tables
-are built from whatever results exist (missing rows say so).
+``results.json`` exists is not run again, so an interrupted sweep resumes where it stopped, and a run stopped
+part way goes on from its last finished task (``clip_cl.py --resume``, added when its folder holds a
+checkpoint). The tables are built from whatever results exist (missing rows say so).
 
     python -m benchmarks.accuracy --preset cpu [--rows table1,table4] [--only NAME,...] [--jobs 2]
     python -m benchmarks.accuracy --preset paper          # ViT-B/16, OpenAI weights: for a GPU
@@ -50,6 +51,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from benchmarks import _measure
 
 from benchmarks import _seeds, _sweep, _tradeoff, _tuning
+from examples.clip_cl import CHECKPOINT_NAME
 
 CLIP_CL = ("-m", "examples.clip_cl")
 """How each row runs the example: ``python -m examples.clip_cl ...`` in the repository root."""
@@ -202,11 +204,18 @@ def clip_cl_command(arguments: Sequence[str], out: Path, data_root: Path, extra:
     return command + (["--threads", str(threads)] if threads is not None else [])
 
 
+def resumable(command: Sequence[str], out: Path) -> List[str]:
+    """``command``, with ``--resume`` if ``out`` holds the checkpoint of an interrupted run (see
+    ``examples/resume.py``), so that it goes on from its last finished task."""
+    return [*command, "--resume"] if (out / CHECKPOINT_NAME).is_file() else list(command)
+
+
 def execute(command: Sequence[str], out: Path) -> Tuple[bool, str]:
-    """Run ``command`` with its output in ``out/log.txt``; returns (succeeded, status line)."""
+    """Run ``command`` with its output in ``out/log.txt`` (appended to when it resumes); returns (succeeded,
+    status line)."""
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with open(out / "log.txt", "w") as log:
+    with open(out / "log.txt", "a" if "--resume" in command else "w") as log:
         log.write(shlex.join(command) + "\n")
         log.flush()
         done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, cwd=_measure.REPO_ROOT)
@@ -222,7 +231,8 @@ def run_row(row: Row, preset: str, runs_dir: Path, data_root: Path, extra: Seque
     out = runs_dir / row.name
     if (out / "results.json").is_file():
         return row.name, "kept (results.json exists)"
-    return row.name, execute(clip_cl_command(row.arguments(preset), out, data_root, extra, threads), out)[1]
+    return row.name, execute(resumable(clip_cl_command(row.arguments(preset), out, data_root, extra, threads), out),
+                             out)[1]
 
 
 def load_results(runs_dir: Path) -> Dict[str, Dict[str, Any]]:
@@ -518,7 +528,8 @@ def run_sweep(args: argparse.Namespace, selected: Sequence[str], threads: Option
         sweep.load_finished()
     else:
         def start(run: _sweep.Run) -> Tuple[bool, str]:
-            return execute(clip_cl_command(run.arguments, run.out, args.data_root, (), threads), run.out)
+            return execute(resumable(clip_cl_command(run.arguments, run.out, args.data_root, (), threads), run.out),
+                           run.out)
 
         statuses = sweep.execute(start, args.jobs, report=lambda run, status: print(f"{run.out}: {status}",
                                                                                      flush=True))

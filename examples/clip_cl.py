@@ -54,6 +54,9 @@ EXAMPLES_DIR = Path(__file__).resolve().parent
 TINY_CHECKPOINT = EXAMPLES_DIR / "checkpoints" / "tiny_clip.pt"
 """Checkpoint loaded by ``--model tiny`` (written by ``python -m examples.tiny_clip pretrain``)."""
 
+CHECKPOINT_NAME = "checkpoint.pt"
+"""The run's state after its last finished task, in ``--out`` (see ``--resume`` and :mod:`examples.resume`)."""
+
 MOZO_VISION_EPS_RATIO = 0.5
 """With ``--mozo`` and no ``--eps-vision``: eps of the vision tower = this ratio * ``--eps-language``."""
 
@@ -216,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="output folder, relative to the current directory (default: "
                              "runs/<preset>-<dataset>-<placement>-seed<seed>)")
     output.add_argument("--no-progress", action="store_true", help="hide the per-task progress bars")
+    output.add_argument("--resume", action="store_true",
+                        help=f"continue from the last finished task saved in --out/{CHECKPOINT_NAME} (written after "
+                             "every task, deleted when the run ends), with the same losses and accuracies as a run "
+                             "never interrupted; starts at the first task if there is none")
     return parser
 
 
@@ -357,6 +364,17 @@ def evaluation_split(args: argparse.Namespace, train: Any, test: Any) -> tuple[A
                             "training_images": len(rest)}
 
 
+NOT_IDENTITY = frozenset({"out", "data_root", "no_progress", "resume", "num_workers"})
+"""Flags that say where a run reads and writes, not what it computes: a checkpoint may be resumed with others."""
+
+
+def run_identity(args: argparse.Namespace, weights_sha256: str | None) -> dict[str, Any]:
+    """What a checkpoint must have been written under to be resumed by ``args``: every flag that changes what
+    is computed, and the weights' checksum."""
+    return {**{key: value for key, value in vars(args).items() if key not in NOT_IDENTITY},
+            "weights_sha256": weights_sha256}
+
+
 def format_accuracy_table(acc_matrix: np.ndarray, seen_acc: Sequence[float]) -> str:
     """Text table: one row per training stage, accuracy (%) per task seen so far and on all seen classes."""
     num_tasks = len(seen_acc)
@@ -397,6 +415,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]
 
     from .adapters import freeze_backbone
     from .data import class_order, split_tasks
+    from .resume import CheckpointError, TaskCheckpoint
     from .plots import plot_accuracy_and_loss
     from .reproducibility import numerics_fingerprint, seed_global_generators
     from .protocol import (
@@ -413,6 +432,9 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]
 
     model, preprocess_train, preprocess_eval, tokenizer = load_model(args)
     weights = checkpoint_file(args)
+    weights_sha256 = None if weights is None else hashlib.sha256(weights.read_bytes()).hexdigest()
+    out = Path(args.out)
+    task_checkpoint = TaskCheckpoint(out / CHECKPOINT_NAME, run_identity(args, weights_sha256))
     trainable = add_adapters(model, args)
     freeze_backbone(model, trainable)
     model.to(args.device)
@@ -443,18 +465,23 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]
     print(f"{args.model} + {args.adapter} adapters ({num_trainable:,} trainable parameters), "
           f"{args.dataset}: {num_tasks} tasks x {args.classes_per_task} classes, "
           f"ZO on {args.zo_branch}/{args.zo_layers}, device {args.device}")
-    record = run_class_incremental(
-        classifier,
-        tasks,
-        train_source,
-        test_source,
-        preprocess_train,
-        preprocess_eval,
-        optim_config,
-        train_config,
-        max_train_per_class=args.max_train_per_class,
-        max_test_per_class=args.max_test_per_class,
-    )
+    try:
+        record = run_class_incremental(
+            classifier,
+            tasks,
+            train_source,
+            test_source,
+            preprocess_train,
+            preprocess_eval,
+            optim_config,
+            train_config,
+            max_train_per_class=args.max_train_per_class,
+            max_test_per_class=args.max_test_per_class,
+            checkpoint=task_checkpoint,
+            resume=args.resume,
+        )
+    except CheckpointError as error:
+        raise SystemExit(f"--resume: {error}") from None
 
     results = {
         "command": "python -m examples.clip_cl " + shlex.join(sys.argv[1:] if argv is None else argv),
@@ -467,14 +494,14 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]
         "forgetting": forgetting(record.acc_matrix),
         **record.to_dict(),
         "trainable_parameters": num_trainable,
-        "checkpoint_sha256": None if weights is None else hashlib.sha256(weights.read_bytes()).hexdigest(),
+        "checkpoint_sha256": weights_sha256,
         "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__},
         "evaluation": evaluation,
         "numerics": numerics_fingerprint(),
     }
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    task_checkpoint.discard()
     title = (f"{args.model} {args.dataset} {args.adapter}: ZO {args.zo_branch}/{args.zo_layers}"
              f"{' MoZO' if args.mozo else ''}, Last {results['last']:.1f}, Avg {results['avg']:.1f}")
     seen_classes = [sum(len(task) for task in tasks[:t + 1]) for t in range(len(tasks))]

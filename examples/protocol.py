@@ -50,6 +50,7 @@ from hybridzo import GroupRule, HybridZOOptimizer, build_param_groups, describe_
 from .adapters import LinearHead
 from .branches import BRANCH_PATTERNS, BRANCH_TOWERS, ZO_BRANCHES
 from .data import ImageDataset, indices_of_classes
+from .resume import CheckpointError, TaskCheckpoint, restore
 
 PROMPT_TEMPLATE = "a bad photo of a {}."
 """Text prompt of every class, as in MoE-Adapters4CL."""
@@ -308,6 +309,15 @@ class TextPromptClassifier:
         self.model.train(was_training)
         self._frozen_features.update(zip(task_classes, features))
 
+    def state_dict(self) -> dict[str, Any]:
+        """What the classifier carries between tasks besides the model: the frozen prompt features."""
+        return {"frozen_features": {c: f.cpu() for c, f in self._frozen_features.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (features go to the model's device)."""
+        device = next(self.model.parameters()).device
+        self._frozen_features = {c: f.to(device) for c, f in state["frozen_features"].items()}
+
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """The classifier has no parameters besides the model's."""
         return iter(())
@@ -367,6 +377,23 @@ class LinearHeadClassifier:
 
     def end_task(self, task_classes: Sequence[int]) -> None:
         """Nothing to do: the rows of past classes get no gradient from later tasks' losses."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the classifier carries between tasks besides the model: the head and each class's row."""
+        bias = self.head.bias
+        return {"weight": self.head.weight.detach().cpu(), "bias": None if bias is None else bias.detach().cpu(),
+                "row_of": dict(self._row_of)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (the head goes to the model's device)."""
+        device = next(self.model.parameters()).device
+        if (state["bias"] is None) != (self.head.bias is None):
+            raise CheckpointError("Invalid checkpoint: the head's bias is "
+                                  f"{'absent' if state['bias'] is None else 'present'} in the checkpoint")
+        self.head.weight = nn.Parameter(state["weight"].to(device))
+        if state["bias"] is not None:
+            self.head.bias = nn.Parameter(state["bias"].to(device))
+        self._row_of = dict(state["row_of"])
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """The head's parameters, named ``head.weight`` / ``head.bias`` (outside both CLIP towers)."""
@@ -449,6 +476,8 @@ class ContinualRecord:
             process's peak resident set size (``getrusage``; includes the data held in memory).
         peak_memory_kind: ``"cuda_max_allocated"`` or ``"cpu_peak_rss"``.
         groups: :func:`hybridzo.describe_groups` table of the first task's param groups.
+        resumed_at_task: Index of the task each resumption of the run started from (empty if it ran
+            through); wall time is summed over the processes, peak memory is the largest of theirs.
     """
 
     acc_matrix: np.ndarray
@@ -464,6 +493,7 @@ class ContinualRecord:
     peak_memory_mib: float = 0.0
     peak_memory_kind: str = ""
     groups: str = ""
+    resumed_at_task: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; NaN entries of the accuracy matrix become ``None``."""
@@ -471,11 +501,20 @@ class ContinualRecord:
         out["acc_matrix"] = [[None if math.isnan(v) else float(v) for v in row] for row in self.acc_matrix]
         return out
 
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> ContinualRecord:
+        """The record :meth:`to_dict` wrote (``None`` entries of the accuracy matrix become NaN)."""
+        matrix = np.array([[math.nan if v is None else v for v in row] for row in fields["acc_matrix"]], dtype=float)
+        return cls(**{**fields, "acc_matrix": matrix})
 
-def _peak_rss_mib() -> float:
+
+def _peak_memory(device: torch.device) -> tuple[float, str]:
+    """This process's peak memory in MiB so far and its kind (see :class:`ContinualRecord`)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # ru_maxrss is in KiB on Linux and in bytes on macOS.
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+    return (peak / 2**20 if sys.platform == "darwin" else peak / 2**10), "cpu_peak_rss"
 
 
 @torch.no_grad()
@@ -524,6 +563,8 @@ def run_class_incremental(
     max_train_per_class: int | None = None,
     max_test_per_class: int | None = None,
     log: Callable[[str], None] = print,
+    checkpoint: TaskCheckpoint | None = None,
+    resume: bool = False,
 ) -> ContinualRecord:
     """Train ``classifier.model`` on ``tasks`` in sequence with :class:`~hybridzo.HybridZOOptimizer`.
 
@@ -545,6 +586,11 @@ def run_class_incremental(
         max_train_per_class: Use at most this many training images per class; default ``None`` (all).
         max_test_per_class: Use at most this many test images per class; default ``None`` (all).
         log: Receives one line per task (group table, accuracies); default ``print``.
+        checkpoint: Where to save the run's state after every task (see :mod:`examples.resume`); default
+            ``None`` (not saved).
+        resume: Continue from ``checkpoint``'s saved state, if it holds one, instead of starting at the
+            first task; default ``False``. The resumed run's losses and accuracy matrix are those of an
+            uninterrupted run.
 
     Returns:
         The accuracy matrix, per-step losses, pass counts, time and peak memory.
@@ -553,12 +599,31 @@ def run_class_incremental(
     model = classifier.model
     num_tasks = len(tasks)
     record = ContinualRecord(acc_matrix=np.full((num_tasks, num_tasks), np.nan))
+    first_task = 0
+    saved = checkpoint.load() if checkpoint is not None and resume else None
+    if saved is not None:
+        if saved["record"]["acc_matrix"] and len(saved["record"]["acc_matrix"]) != num_tasks:
+            raise CheckpointError(f"Invalid checkpoint {checkpoint.path}: it has {len(saved['record']['acc_matrix'])} "
+                             f"tasks, this run {num_tasks}")
+        restore(saved, model, classifier)
+        record = ContinualRecord.from_dict(saved["record"])
+        first_task = saved["tasks_done"]
+        record.resumed_at_task.append(first_task)
+        log(f"resumed from {checkpoint.path}: {first_task} of {num_tasks} tasks done")
+    earlier_wall_time_s = record.wall_time_s
     num_labels = max(len(train_source.classnames), 1 + max(max(task) for task in tasks))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     run_start = time.perf_counter()
 
+    def measure_time_and_memory() -> None:
+        record.wall_time_s = earlier_wall_time_s + time.perf_counter() - run_start
+        peak_mib, record.peak_memory_kind = _peak_memory(device)
+        record.peak_memory_mib = max(record.peak_memory_mib, peak_mib)
+
     for t, task_classes in enumerate(tasks):
+        if t < first_task:
+            continue
         classifier.begin_task(task_classes)
         named = [*model.named_parameters(), *classifier.named_parameters()]
         groups = build_groups(named, optim_config)
@@ -637,12 +702,9 @@ def run_class_incremental(
             f"task {t + 1}/{num_tasks}: mean loss {np.mean(task_losses):.4f}, "
             f"accuracy on {len(seen_classes)} seen classes {record.seen_acc[-1]:.2f}%"
         )
+        if checkpoint is not None:
+            measure_time_and_memory()
+            checkpoint.save(t + 1, model, classifier, record.to_dict())
 
-    record.wall_time_s = time.perf_counter() - run_start
-    if device.type == "cuda":
-        record.peak_memory_mib = torch.cuda.max_memory_allocated(device) / 2**20
-        record.peak_memory_kind = "cuda_max_allocated"
-    else:
-        record.peak_memory_mib = _peak_rss_mib()
-        record.peak_memory_kind = "cpu_peak_rss"
+    measure_time_and_memory()
     return record

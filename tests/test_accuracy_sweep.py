@@ -191,6 +191,24 @@ def test_sweep_refuses_runs_made_with_other_clip_args(tmp_path):
                                      "--seed 1 --threads 1") == ("--preset", "cpu", "--seed", "1")
 
 
+def test_a_run_stopped_part_way_goes_on_from_its_checkpoint(tmp_path):
+    import sys
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-c", "import sys; print('args', sys.argv[1:])"]
+    assert accuracy.resumable(command, out) == command  # nothing to go on from
+    assert accuracy.execute(command, out)[0]
+    (out / "checkpoint.pt").write_bytes(b"")  # what clip_cl.py leaves after a finished task
+    resumed = accuracy.resumable(command, out)
+    assert resumed == [*command, "--resume"]
+    assert accuracy.execute(resumed, out)[0]
+    log = (out / "log.txt").read_text()
+    assert log.count("args []") == 1 and log.count("args ['--resume']") == 1  # the stopped run's log is kept
+    # A resumed run is the same run: its command matches the sweep's.
+    assert _sweep.recorded_arguments("python -m examples.clip_cl --preset cpu --out /o --seed 1 --resume") == \
+        _sweep.recorded_arguments("python -m examples.clip_cl --preset cpu --out /o --seed 1")
+
+
 def test_a_failed_run_is_not_retried_and_blocks_what_depends_on_it(tmp_path):
     start = FakeStart(fail="tuning/moe-fo/lr=0.04")
     sweep = make_sweep(tmp_path)

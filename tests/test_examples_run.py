@@ -30,7 +30,7 @@ SCRIPTS = {
 }
 """Every runnable example; a new script in examples/ must be added here (checked below)."""
 
-LIBRARY_MODULES = {"__init__", "adapters", "branches", "data", "plots", "protocol"}
+LIBRARY_MODULES = {"__init__", "adapters", "branches", "data", "plots", "protocol", "resume"}
 """Modules of examples/ that the scripts import and that have no command line."""
 
 WAYS = ["script from the root", "script from elsewhere", "-m from the root", "-m from elsewhere"]

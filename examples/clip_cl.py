@@ -375,6 +375,14 @@ def run_identity(args: argparse.Namespace, weights_sha256: str | None) -> dict[s
             "weights_sha256": weights_sha256}
 
 
+def versions() -> dict[str, str]:
+    """Versions of the packages that decide a run's numbers."""
+    import open_clip
+    import torch
+
+    return {"torch": torch.__version__, "open_clip": open_clip.__version__}
+
+
 def format_accuracy_table(acc_matrix: np.ndarray, seen_acc: Sequence[float]) -> str:
     """Text table: one row per training stage, accuracy (%) per task seen so far and on all seen classes."""
     num_tasks = len(seen_acc)
@@ -410,9 +418,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
     """The body of :func:`main` for parsed ``args``."""
-    import open_clip
-    import torch
-
     from .adapters import freeze_backbone
     from .data import class_order, split_tasks
     from .resume import CheckpointError, TaskCheckpoint
@@ -434,7 +439,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]
     weights = checkpoint_file(args)
     weights_sha256 = None if weights is None else hashlib.sha256(weights.read_bytes()).hexdigest()
     out = Path(args.out)
-    task_checkpoint = TaskCheckpoint(out / CHECKPOINT_NAME, run_identity(args, weights_sha256))
+    task_checkpoint = TaskCheckpoint(out / CHECKPOINT_NAME, run_identity(args, weights_sha256),
+                                     numerics={"versions": versions(), **numerics_fingerprint()})
     trainable = add_adapters(model, args)
     freeze_backbone(model, trainable)
     model.to(args.device)
@@ -495,7 +501,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]
         **record.to_dict(),
         "trainable_parameters": num_trainable,
         "checkpoint_sha256": weights_sha256,
-        "versions": {"torch": torch.__version__, "open_clip": open_clip.__version__},
+        "versions": versions(),
         "evaluation": evaluation,
         "numerics": numerics_fingerprint(),
     }

@@ -15,7 +15,9 @@ the previous checkpoint as it was.
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -58,11 +60,16 @@ class TaskCheckpoint:
         path: The checkpoint file (``examples/clip_cl.py`` writes ``<out>/checkpoint.pt``).
         identity: What makes two runs the same run (flags that change what is computed, the weights'
             checksum); a checkpoint written under another identity is refused on :meth:`load`.
+        numerics: What decides the rounding besides the identity (versions, thread count, kernel path);
+            a checkpoint written under others is resumed with a warning, since the run will then not repeat
+            an uninterrupted one bit for bit; default ``{}``.
     """
 
-    def __init__(self, path: Path | str, identity: Mapping[str, Any]) -> None:
+    def __init__(self, path: Path | str, identity: Mapping[str, Any], numerics: Mapping[str, Any] | None = None
+                 ) -> None:
         self.path = Path(path)
         self.identity = dict(identity)
+        self.numerics = dict(numerics or {})
 
     def save(self, tasks_done: int, model: nn.Module, classifier: Any, record: Mapping[str, Any]) -> None:
         """Write the state after ``tasks_done`` tasks, replacing the previous checkpoint only once complete.
@@ -76,6 +83,7 @@ class TaskCheckpoint:
         state = {
             "format": FORMAT_VERSION,
             "identity": self.identity,
+            "numerics": self.numerics,
             "tasks_done": tasks_done,
             "trainable": {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad},
             "classifier": classifier.state_dict(),
@@ -95,18 +103,27 @@ class TaskCheckpoint:
         """The saved state, or ``None`` if there is no checkpoint.
 
         Raises:
-            CheckpointError: The checkpoint was written by a run with another identity, or by another format.
+            CheckpointError: The checkpoint cannot be read, was written by another format or by a run with
+                another identity.
         """
         if not self.path.is_file():
             return None
-        # Generator states hold NumPy arrays and Python tuples: not loadable with weights_only.
-        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        try:
+            # Generator states hold NumPy arrays and Python tuples: not loadable with weights_only.
+            state = torch.load(self.path, map_location="cpu", weights_only=False)
+        except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as error:
+            raise CheckpointError(f"Invalid checkpoint {self.path}: cannot be read ({error}); delete it to start "
+                                  "over") from error
         if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
             raise CheckpointError(f"Invalid checkpoint {self.path}: not a format-{FORMAT_VERSION} task checkpoint")
         differences = _differences(state["identity"], self.identity)
         if differences:
             raise CheckpointError(f"Invalid checkpoint {self.path}: it was written by a run with "
                              f"{', '.join(differences)}; pass the same flags, or delete it to start over")
+        other_numerics = _differences(state.get("numerics", {}), self.numerics)
+        if other_numerics:
+            warnings.warn(f"{self.path} was written under other numerics: {', '.join(other_numerics)}; the run "
+                          "goes on, but will not repeat an uninterrupted run bit for bit", stacklevel=2)
         return state
 
     def discard(self) -> None:

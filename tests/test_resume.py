@@ -141,10 +141,22 @@ def test_checkpoint_of_another_run_is_refused_naming_what_differs(tmp_path):
     with pytest.raises(CheckpointError, match="trainable parameters differ"):
         restore(TaskCheckpoint(path, {"seed": 0, "lr": 0.02}).load(), model, classifier)
 
-    (tmp_path / "other.pt").write_bytes(b"not a checkpoint")
     torch.save({"format": 999}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="format"):
         TaskCheckpoint(tmp_path / "other.pt", {}).load()
+    for garbage in (b"not a checkpoint", path.read_bytes()[:100], b""):  # a stray file, a truncated copy
+        (tmp_path / "garbage.pt").write_bytes(garbage)
+        with pytest.raises(CheckpointError, match="cannot be read"):
+            TaskCheckpoint(tmp_path / "garbage.pt", {}).load()
+
+
+def test_a_checkpoint_written_under_other_numerics_is_resumed_with_a_warning(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    model, classifier, _ = make_run("text")
+    record = ContinualRecord(acc_matrix=np.full((len(TASKS), len(TASKS)), np.nan)).to_dict()
+    TaskCheckpoint(path, {"seed": 0}, numerics={"torch_threads": 1}).save(1, model, classifier, record)
+    with pytest.warns(UserWarning, match=r"other numerics: torch_threads=1 \(this run: 2\).*bit for bit"):
+        assert TaskCheckpoint(path, {"seed": 0}, numerics={"torch_threads": 2}).load()["tasks_done"] == 1
 
 
 @pytest.mark.parametrize("failing", ["save", "rename"])

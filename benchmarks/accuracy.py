@@ -433,7 +433,7 @@ def seeds_report(sweep: _sweep.Sweep, args: argparse.Namespace, info: Dict[str, 
     if sweep.extra_seeds:
         more = sorted({seed for seeds in sweep.extra_seeds.values() for seed in seeds})
         seeds_text += (f"; also {', '.join(map(str, more))} for "
-                       + ", ".join(labels[name] for name in sweep.extra_seeds) + " and their FO baseline")
+                       + "; ".join(labels[name] for name in sweep.extra_seeds) + "; and their FO baseline")
     lines = [
         f"# Continual-learning accuracy over seeds, `{args.preset}` preset",
         "",

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import re
 import shlex
 import sys
@@ -405,6 +406,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         The results dict written to ``results.json``.
     """
     args = parse_args(argv)
+    out = Path(args.out)
+    if args.resume and (out / "results.json").is_file() and not (out / CHECKPOINT_NAME).is_file():
+        raise SystemExit(f"--resume: {out} holds a finished run (results.json, no {CHECKPOINT_NAME}); nothing to "
+                         "resume. Run without --resume to run it again.")
     import torch
 
     from .reproducibility import pinned_numerics
@@ -506,7 +511,10 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]
         "numerics": numerics_fingerprint(),
     }
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    # Written whole or not at all: a sweep takes a readable results.json for a finished run.
+    partial = out / "results.json.partial"
+    partial.write_text(json.dumps(results, indent=1) + "\n")
+    os.replace(partial, out / "results.json")
     task_checkpoint.discard()
     title = (f"{args.model} {args.dataset} {args.adapter}: ZO {args.zo_branch}/{args.zo_layers}"
              f"{' MoZO' if args.mozo else ''}, Last {results['last']:.1f}, Avg {results['avg']:.1f}")

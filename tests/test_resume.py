@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from examples import clip_cl
 from examples.protocol import (
     ContinualRecord,
     LinearHeadClassifier,
@@ -209,3 +210,6 @@ def test_clip_cl_resume_flag_end_to_end(tmp_path, monkeypatch):
     assert resumed["resumed_at_task"] == [1] and reference["resumed_at_task"] == []
     assert json.loads((out / "results.json").read_text())["command"].endswith("--resume")
     assert not (out / "checkpoint.pt").exists()
+    assert sorted(path.name for path in out.iterdir()) == ["accuracy_loss.png", "results.json"]
+    with pytest.raises(SystemExit, match="finished run .*nothing to resume"):  # not trained again
+        clip_cl.main(["--preset", "smoke", "--out", str(out), "--resume"])

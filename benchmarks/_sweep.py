@@ -302,6 +302,22 @@ class Sweep:
                     out.setdefault(row, {})[seed] = result
         return out
 
+    def progress(self) -> Tuple[int, int, List[float]]:
+        """``(finished, planned, run_times_s)``: finished runs, the runs the sweep needs as far as it can tell
+        (each row's tuning budget or the points named so far, if more, and its seed runs) and the wall times of
+        the finished runs."""
+        finished = [run for run in self.named_runs() if run.key in self.results]
+        planned = 0
+        for row in self.rows:
+            if self.tune:
+                fo_lr = self.fo_lr_for(row) if self.kinds[row] == "zo" else None
+                named = len(_tuning.tuning_points(self.kinds[row], self.scores(row, fo_lr), fo_lr, self.grid))
+                planned += max(self.grid.budget[0 if self.kinds[row] == "fo" else 1], named)
+            planned += len(self.seeds_of(row))
+        times = [float(self.results[run.key]["wall_time_s"]) for run in finished
+                 if "wall_time_s" in self.results[run.key]]
+        return len(finished), planned, times
+
     # ------------------------------------------------------------------------------------------- scheduling
 
     def named_runs(self) -> List[Run]:

@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -419,6 +420,20 @@ def _display_path(path: Path) -> str:
         return str(path)
 
 
+def progress_text(finished: int, planned: int, run_times_s: Sequence[float]) -> str:
+    """How far the sweep is, and how long the rest takes at the median time of the runs finished so far."""
+    if finished >= planned:
+        return f"Progress: all {planned} runs finished."
+    text = f"Progress: {finished} of {planned} runs finished (a grid extension would add more)"
+    if not run_times_s:
+        return text + "."
+    median_h = statistics.median(run_times_s) / 3600
+    rest_h = (planned - finished) * median_h
+    return (text + f"; the other {planned - finished} take about {rest_h:.0f} h of run time at the median so far "
+            f"({median_h * 60:.0f} min a run, each at the thread count it ran with), {rest_h / 2:.0f} h with "
+            "`--jobs 2`.")
+
+
 def seeds_report(sweep: _sweep.Sweep, args: argparse.Namespace, info: Dict[str, Any], statuses: Dict[str, str],
                  argv: Optional[Sequence[str]], threads: Optional[int]) -> Tuple[str, Dict[str, Any]]:
     """Markdown and JSON of a multi-seed sweep: results over seeds with paired intervals, per-seed values, the
@@ -468,6 +483,8 @@ def seeds_report(sweep: _sweep.Sweep, args: argparse.Namespace, info: Dict[str, 
     if args.report_only:
         lines.append("- Built with `--report-only` from runs made earlier: machine, versions, date and commit above "
                      "are this report's; each run's own are in its results.json.")
+    finished, planned, run_times = sweep.progress()
+    lines.append("- " + progress_text(finished, planned, run_times))
     if statuses:
         failed = {key: status for key, status in statuses.items() if status.startswith("FAILED")}
         lines.append(f"- This invocation ran {len(statuses)} runs" + (f"; failed: {failed}" if failed else "") + ".")
@@ -506,6 +523,7 @@ def seeds_report(sweep: _sweep.Sweep, args: argparse.Namespace, info: Dict[str, 
                    "tune_seed": sweep.tune_seed, "grid": grid.to_dict() if sweep.tune else None,
                    "confidence": 0.95, "std": "sample (n-1)"},
         "tuning": tuning,
+        "progress": {"finished_runs": finished, "planned_runs": planned},
         "runs": every_run,
         "rows": {name: {"label": labels[name], "knobs": sweep.knobs(name), "command": commands[name],
                         **summary[name]} for name in order if name in summary},

@@ -173,6 +173,24 @@ def test_sweep_orders_runs_by_dependency_and_resumes_without_rerunning(tmp_path)
     assert [run.out.relative_to(tmp_path).as_posix() for run in partial.started] == ["seeds/moe-vision/seed1"]
 
 
+def test_progress_counts_the_runs_still_to_name_and_estimates_their_time(tmp_path):
+    def progress():
+        sweep = make_sweep(tmp_path)
+        sweep.load_finished()
+        return sweep.progress()
+
+    assert progress() == (0, 2 * (5 + 3), [])  # tuning budget and 3 seeds per row
+    make_sweep(tmp_path).execute(FakeStart(fail="moe-vision"), jobs=2)  # the FO row only; ZO's first runs fail
+    assert progress() == (8, 16, [70.0] * 8)
+    make_sweep(tmp_path).execute(FakeStart(), jobs=2)
+    assert progress() == (17, 17, [70.0] * 17)  # the eps search went one step further
+
+    assert accuracy.progress_text(17, 17, [70.0] * 17) == "Progress: all 17 runs finished."
+    text = accuracy.progress_text(18, 72, [1200.0] * 9 + [1320.0] * 9)  # median 21 min
+    assert "18 of 72 runs finished" in text
+    assert "the other 54 take about 19 h of run time" in text and "(21 min a run" in text and "9 h with" in text
+
+
 def test_sweep_refuses_a_finished_run_made_with_other_values(tmp_path):
     make_sweep(tmp_path, seeds=(0,)).execute(FakeStart(), jobs=1)
     path = tmp_path / "seeds" / "moe-fo" / "seed0" / "results.json"

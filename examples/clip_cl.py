@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import re
 import shlex
 import sys
@@ -425,7 +424,7 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]
     """The body of :func:`main` for parsed ``args``."""
     from .adapters import freeze_backbone
     from .data import class_order, split_tasks
-    from .resume import CheckpointError, TaskCheckpoint
+    from .resume import CheckpointError, TaskCheckpoint, write_atomically
     from .plots import plot_accuracy_and_loss
     from .reproducibility import numerics_fingerprint, seed_global_generators
     from .protocol import (
@@ -512,9 +511,8 @@ def _run(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]
     }
     out.mkdir(parents=True, exist_ok=True)
     # Written whole or not at all: a sweep takes a readable results.json for a finished run.
-    partial = out / "results.json.partial"
-    partial.write_text(json.dumps(results, indent=1) + "\n")
-    os.replace(partial, out / "results.json")
+    text = json.dumps(results, indent=1) + "\n"
+    write_atomically(out / "results.json", lambda partial: partial.write_text(text))
     task_checkpoint.discard()
     title = (f"{args.model} {args.dataset} {args.adapter}: ZO {args.zo_branch}/{args.zo_layers}"
              f"{' MoZO' if args.mozo else ''}, Last {results['last']:.1f}, Avg {results['avg']:.1f}")

@@ -604,7 +604,7 @@ def run_class_incremental(
     if saved is not None:
         if saved["record"]["acc_matrix"] and len(saved["record"]["acc_matrix"]) != num_tasks:
             raise CheckpointError(f"Invalid checkpoint {checkpoint.path}: it has {len(saved['record']['acc_matrix'])} "
-                             f"tasks, this run {num_tasks}")
+                                  f"tasks, this run {num_tasks}")
         restore(saved, model, classifier)
         record = ContinualRecord.from_dict(saved["record"])
         first_task = saved["tasks_done"]

@@ -19,7 +19,7 @@ import pickle
 import random
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -45,6 +45,18 @@ def _restore_generators(generators: Mapping[str, Any]) -> None:
     random.setstate(generators["python"])
     if "cuda" in generators:
         torch.cuda.set_rng_state_all(generators["cuda"])
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write`` on a temporary file beside ``path`` and rename it to ``path``: ``path`` holds the old
+    content or the new, never part of it, whatever interrupts the write (the temporary file is removed)."""
+    partial = path.with_name(path.name + ".partial")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def _differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
@@ -91,13 +103,7 @@ class TaskCheckpoint:
             "generators": _capture_generators(),
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_name(self.path.name + ".partial")
-        try:
-            torch.save(state, partial)
-            os.replace(partial, self.path)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
+        write_atomically(self.path, lambda partial: torch.save(state, partial))
 
     def load(self) -> dict[str, Any] | None:
         """The saved state, or ``None`` if there is no checkpoint.
@@ -119,7 +125,7 @@ class TaskCheckpoint:
         differences = _differences(state["identity"], self.identity)
         if differences:
             raise CheckpointError(f"Invalid checkpoint {self.path}: it was written by a run with "
-                             f"{', '.join(differences)}; pass the same flags, or delete it to start over")
+                                  f"{', '.join(differences)}; pass the same flags, or delete it to start over")
         other_numerics = _differences(state.get("numerics", {}), self.numerics)
         if other_numerics:
             warnings.warn(f"{self.path} was written under other numerics: {', '.join(other_numerics)}; the run "
@@ -143,11 +149,11 @@ def restore(state: Mapping[str, Any], model: nn.Module, classifier: Any) -> None
     if set(trainable) != set(saved):
         missing, unexpected = sorted(set(trainable) - set(saved)), sorted(set(saved) - set(trainable))
         raise CheckpointError(f"Invalid checkpoint: trainable parameters differ (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]})")
+                              f"unexpected {unexpected[:3]})")
     for name, parameter in trainable.items():
         if parameter.shape != saved[name].shape:
             raise CheckpointError(f"Invalid checkpoint: {name} has shape {tuple(saved[name].shape)}, "
-                             f"the model's is {tuple(parameter.shape)}")
+                                  f"the model's is {tuple(parameter.shape)}")
     with torch.no_grad():
         for name, parameter in trainable.items():
             parameter.copy_(saved[name])

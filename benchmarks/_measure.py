@@ -22,6 +22,7 @@ import os
 import platform
 import statistics
 import subprocess
+import textwrap
 import sys
 import time
 from pathlib import Path
@@ -274,6 +275,12 @@ def palette(count: int) -> List[Tuple[float, ...]]:
     from matplotlib import colormaps
 
     return list(colormaps["tab10" if count <= 10 else "tab20"].colors)[:count]
+
+
+def title(drawing: Any, text: str, fontsize: float) -> None:
+    """Set ``drawing``'s title, wrapped to the figure's width: a title naming many rows is wider than the figure."""
+    # A character of matplotlib's default sans-serif is about 0.576 em wide on average.
+    drawing.suptitle(textwrap.fill(text, int(drawing.get_figwidth() * 72 / (0.576 * fontsize))), fontsize=fontsize)
 
 
 def save_figure(drawing: Any, path: Path) -> Path:

@@ -212,6 +212,6 @@ def plot_seeds(summary: Mapping[str, Mapping[str, Any]], order: Sequence[str], l
     deltas.invert_yaxis()
     deltas.set_xlabel("\u0394 Last (points), paired over seeds, 95% t-interval")
     deltas.grid(alpha=0.3, axis="x")
-    figure.suptitle(title, fontsize=9)
+    _measure.title(figure, title, fontsize=9)
     figure.tight_layout()
     return _measure.save_figure(figure, path)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import textwrap
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence
 
@@ -97,8 +96,7 @@ def plot(rows: Mapping[str, Mapping[str, Any]], path: Path, title: str,
         axis.grid(alpha=0.3)
     figure.legend(handles=list(handles.values()), loc="lower center", ncol=2, fontsize=9, frameon=False,
                   title="\u0394 Last against the FO baseline, paired over seeds, 95% interval", title_fontsize=9)
-    # Wrapped: a title naming the rows with extra seeds is wider than the figure.
-    figure.suptitle(textwrap.fill(f"Memory against accuracy per placement ({title})", 150), fontsize=10)
+    _measure.title(figure, f"Memory against accuracy per placement ({title})", fontsize=10)
     figure.tight_layout(rect=(0, 0.05 + 0.04 * math.ceil(len(handles) / 2), 1, 1))
     return _measure.save_figure(figure, path)
 

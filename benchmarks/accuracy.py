@@ -501,6 +501,12 @@ def seeds_report(sweep: _sweep.Sweep, args: argparse.Namespace, info: Dict[str, 
                   "Validation Last / Avg of every tuning run (accuracy on held-out training images of the seen "
                   "classes), in the order the search named them; the chosen run is marked, with the knobs still on "
                   "the edge of what was tried after extending the grid, where the best value may lie outside it.", "", _seeds.tuning_table(tuning, order, labels)]
+        signed = [labels[name] for name in tuning if "--mozo" in ROWS[name].flags]
+        if signed:
+            lines += ["", f"{'; '.join(signed)}: `--mozo` is a signed estimate, one query and conservative selection, "
+                      "a step that eps changes only through rounding (docs/estimators.md, \"eps with a signed "
+                      "estimate and conservative selection\"), so their eps runs differ as runs with different "
+                      "seeds do, and the eps chosen is one such draw."]
     commands = {name: reproduce_command(sweep, name, (sweep.seeds or [0])[0], threads) for name in order}
     rows = {name: {"label": labels[name], **summary[name]} for name in order if name in summary}
     tradeoff = _tradeoff.plot(rows, args.out.parent / f"{args.out.stem}_tradeoff.png",

@@ -80,6 +80,10 @@ class HybridZOOptimizer(Optimizer):
        ZO-SGD-Cons rule of ZO-Bench and ZeroFlow (lowest of :math:`f(\theta)`,
        :math:`f(\theta-\Delta)`, :math:`f(\theta+\Delta)`, ties going to
        :math:`\theta+\Delta`, then :math:`\theta-\Delta`).
+       With one query and a signed estimate the mirror pairs are
+       :math:`\pm` a function of :math:`z` alone, so conservative selection makes the
+       step independent of :math:`\epsilon` up to rounding (a difference of exactly 0,
+       exact ties): tune ``lr``, not ``eps``, there.
     4. **Commit**: ZO parameters are set to the chosen candidate and only its
        optimizer state is written; FO groups take their rule's step with torch.optim's
        own implementation (the per-tensor loop, ``foreach`` or ``fused``, as the group's

@@ -52,7 +52,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from benchmarks import _measure
 
 from benchmarks import _seeds, _sweep, _tradeoff, _tuning
-from examples.clip_cl import CHECKPOINT_NAME
+from examples.clip_cl import CHECKPOINT_NAME, parse_args as parse_clip_cl_args
 
 CLIP_CL = ("-m", "examples.clip_cl")
 """How each row runs the example: ``python -m examples.clip_cl ...`` in the repository root."""
@@ -434,6 +434,14 @@ def progress_text(finished: int, planned: int, run_times_s: Sequence[float]) -> 
             "`--jobs 2`.")
 
 
+def eps_inert(arguments: Sequence[str]) -> bool:
+    """Whether eps changes the ZO steps of a ``clip_cl.py`` run only through rounding: a signed
+    estimate, one query and conservative selection (docs/estimators.md)."""
+    resolved = parse_clip_cl_args(arguments)
+    return (resolved.zo_branch != "none" and resolved.sign != "none" and resolved.conservative
+            and resolved.queries == 1)
+
+
 def seeds_report(sweep: _sweep.Sweep, args: argparse.Namespace, info: Dict[str, Any], statuses: Dict[str, str],
                  argv: Optional[Sequence[str]], threads: Optional[int]) -> Tuple[str, Dict[str, Any]]:
     """Markdown and JSON of a multi-seed sweep: results over seeds with paired intervals, per-seed values, the
@@ -501,9 +509,9 @@ def seeds_report(sweep: _sweep.Sweep, args: argparse.Namespace, info: Dict[str, 
                   "Validation Last / Avg of every tuning run (accuracy on held-out training images of the seen "
                   "classes), in the order the search named them; the chosen run is marked, with the knobs still on "
                   "the edge of what was tried after extending the grid, where the best value may lie outside it.", "", _seeds.tuning_table(tuning, order, labels)]
-        signed = [labels[name] for name in tuning if "--mozo" in ROWS[name].flags]
+        signed = [labels[name] for name in tuning if eps_inert(ROWS[name].arguments(args.preset))]
         if signed:
-            lines += ["", f"{'; '.join(signed)}: `--mozo` is a signed estimate, one query and conservative selection, "
+            lines += ["", f"{'; '.join(signed)}: a signed estimate, one query and conservative selection (`--mozo`), "
                       "a step that eps changes only through rounding (docs/estimators.md, \"eps with a signed "
                       "estimate and conservative selection\"), so their eps runs differ as runs with different "
                       "seeds do, and the eps chosen is one such draw."]

@@ -461,3 +461,15 @@ def test_a_record_names_its_paths_relative_to_the_checkout_that_ran_it(tmp_path)
                                  "--threads 1 --no-progress")
     assert (record["config"]["data_root"], record["config"]["out"]) == ("../shared/data", "runs/x")
     assert _sweep.recorded_arguments(record["command"]) == _sweep.recorded_arguments(result["command"])
+
+
+@pytest.mark.parametrize("flags, inert", [
+    (("--mozo",), True),  # coordinate sign + conservative, one query
+    (("--sign", "scalar", "--conservative"), True),
+    (("--mozo", "--queries", "4"), False),  # q differences weigh the directions
+    (("--conservative",), False),  # unsigned: the move scales with d / eps
+    (("--mozo", "--no-conservative"), False),
+    (("--zo-branch", "none", "--mozo"), False),  # all FO: no ZO step at all
+])
+def test_eps_inert_reads_the_resolved_run(flags, inert):
+    assert accuracy.eps_inert(["--preset", "cpu", "--zo-branch", "dual", *flags]) is inert

@@ -420,6 +420,11 @@ def _display_path(path: Path) -> str:
         return str(path)
 
 
+def _duration(seconds: float) -> str:
+    """``40 min`` below an hour and a half, else ``2.5 h``."""
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
 def progress_text(finished: int, planned: int, run_times_s: Sequence[float]) -> str:
     """How far the sweep is, and how long the rest takes at the median time of the runs finished so far."""
     if finished >= planned:
@@ -427,11 +432,12 @@ def progress_text(finished: int, planned: int, run_times_s: Sequence[float]) -> 
     text = f"Progress: {finished} of {planned} runs finished (a grid extension would add more)"
     if not run_times_s:
         return text + "."
-    median_h = statistics.median(run_times_s) / 3600
-    rest_h = (planned - finished) * median_h
-    return (text + f"; the other {planned - finished} take about {rest_h:.0f} h of run time at the median so far "
-            f"({median_h * 60:.0f} min a run, each at the thread count it ran with), {rest_h / 2:.0f} h with "
-            "`--jobs 2`.")
+    median_s = statistics.median(run_times_s)
+    rest = planned - finished
+    # Two lanes finish the rest in ceil(rest / 2) run times, as far as the search lets two runs start at once.
+    return (text + f"; the other {rest} take about {_duration(rest * median_s)} of run time at the median so far "
+            f"({median_s / 60:.0f} min a run, each at the thread count it ran with), "
+            f"{_duration(-(-rest // 2) * median_s)} with `--jobs 2`.")
 
 
 def eps_inert(arguments: Sequence[str]) -> bool:

@@ -188,7 +188,9 @@ def test_progress_counts_the_runs_still_to_name_and_estimates_their_time(tmp_pat
     assert accuracy.progress_text(17, 17, [70.0] * 17) == "Progress: all 17 runs finished."
     text = accuracy.progress_text(18, 72, [1200.0] * 9 + [1320.0] * 9)  # median 21 min
     assert "18 of 72 runs finished" in text
-    assert "the other 54 take about 19 h of run time" in text and "(21 min a run" in text and "9 h with" in text
+    assert "the other 54 take about 18.9 h of run time" in text and "(21 min a run" in text and "9.4 h with" in text
+    text = accuracy.progress_text(77, 80, [1200.0] * 77)  # 3 runs left: 60 min; two lanes take two run times
+    assert "the other 3 take about 60 min of run time" in text and "40 min with `--jobs 2`" in text
 
 
 def test_sweep_refuses_a_finished_run_made_with_other_values(tmp_path):

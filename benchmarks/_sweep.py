@@ -117,16 +117,21 @@ def _relative(path: str, root: Optional[Path]) -> str:
     return os.path.relpath(path, root) if root is not None and os.path.isabs(path) else path
 
 
+def relative_command(command: str, root: Optional[Path]) -> str:
+    """``command`` with the paths of :data:`LOCATION_FLAGS` relative to ``root`` where they are absolute."""
+    tokens = shlex.split(command)
+    for i in range(1, len(tokens)):
+        if LOCATION_FLAGS.get(tokens[i - 1]) == 1 and tokens[i - 1] != "--threads":
+            tokens[i] = _relative(tokens[i], root)
+    return shlex.join(tokens)
+
+
 def compact(result: Mapping[str, Any], commit: str, root: Optional[Path] = None) -> Dict[str, Any]:
     """The committed record of a ``results.json``: :data:`RECORD_KEYS`, the mean loss of each task and the commit
     of the checkout that ran it; the paths of :data:`LOCATION_FLAGS` written relative to its ``root``."""
     record = {key: result[key] for key in RECORD_KEYS if key in result}
     if "command" in record:
-        tokens = shlex.split(record["command"])
-        for i in range(1, len(tokens)):
-            if LOCATION_FLAGS.get(tokens[i - 1]) == 1 and tokens[i - 1] != "--threads":
-                tokens[i] = _relative(tokens[i], root)
-        record["command"] = shlex.join(tokens)
+        record["command"] = relative_command(record["command"], root)
     if isinstance(record.get("config"), dict):
         record["config"] = {key: _relative(value, root) if key in ("data_root", "out") and isinstance(value, str)
                             else value for key, value in record["config"].items()}

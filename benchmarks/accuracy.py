@@ -533,8 +533,12 @@ def seeds_report(sweep: _sweep.Sweep, args: argparse.Namespace, info: Dict[str, 
               "`checkpoint_sha256`, `versions`, `numerics`); change `--seed` for the other seeds. Other thread counts "
               "or CPUs round differently and part after a few steps (benchmarks/README.md, Reproducibility).", "",
               "```bash", *(f"{command}  # {labels[name]}" for name, command in commands.items() if command), "```"]
-    every_run = {run.name: sweep.results[run.key]["command"] for run in sweep.named_runs() if run.key in sweep.results}
-    lines += ["", "## Every run", "", "The command each finished run recorded (its `results.json`), paths included.",
+    # Relative paths whether a run was read from its results.json or its record: the committed report names no
+    # folder of the machine that built it.
+    every_run = {run.name: _sweep.relative_command(sweep.results[run.key]["command"], _measure.REPO_ROOT)
+                 for run in sweep.named_runs() if run.key in sweep.results}
+    lines += ["", "## Every run", "", "The command each finished run recorded (its `results.json`), paths relative "
+              "to the repository.",
               "", "<details><summary>" + f"{len(every_run)} runs</summary>", "", "```bash",
               *(f"{command}  # {name}" for name, command in every_run.items()), "```", "", "</details>"]
     record = {

@@ -393,6 +393,27 @@ def test_collect_imports_the_finished_runs_of_another_runs_folder_and_rebuilds_t
     assert "## Every run" in report and report.count("# tuning/") == 11 and report.count("# seeds/") == 6
 
 
+def test_report_names_runs_inside_the_checkout_by_relative_paths_as_its_records_do(tmp_path, monkeypatch):
+    # A sweep run in the checkout itself: results.json commands carry absolute --out paths below the repository.
+    monkeypatch.setattr(accuracy._measure, "REPO_ROOT", tmp_path)
+    runs = tmp_path / "runs" / "benchmarks" / "accuracy-cpu"
+    make_sweep(runs).execute(FakeStart(), jobs=2)
+    out = tmp_path / "results" / "accuracy_cpu_seeds.md"
+    common = ["--preset", "cpu", "--only", "moe-vision", "--tune", "--seeds", "0,1,2", "--out", str(out)]
+    accuracy.main([*common, "--report-only", "--runs-dir", str(runs)])  # reads the runs' results.json
+    from_runs = out.read_text().split("## Every run")[1]
+    assert str(tmp_path) not in from_runs and "--out runs/benchmarks/accuracy-cpu/seeds/moe-vision/seed0" in from_runs
+    accuracy.main([*common, "--report-only", "--runs-dir", str(tmp_path / "no-runs")])  # the records alone
+    assert out.read_text().split("## Every run")[1] == from_runs
+
+
+def test_relative_command_rewrites_absolute_location_paths_only():
+    command = "python -m examples.clip_cl --lr 0.01 --data-root /repo/../data --out /repo/runs/x --threads 1"
+    assert _sweep.relative_command(command, Path("/repo")) == (
+        "python -m examples.clip_cl --lr 0.01 --data-root ../data --out runs/x --threads 1")
+    assert _sweep.relative_command("python x.py --out runs/x", Path("/repo")) == "python x.py --out runs/x"
+
+
 def test_extra_seeds_run_the_compared_rows_and_their_baseline_only(tmp_path):
     rows = ["moe-fo", "moe-vision", "moe-language"]
     sweep = _sweep.Sweep(rows, {"moe-fo": "fo", "moe-vision": "zo", "moe-language": "zo"},
